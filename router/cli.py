@@ -1,0 +1,208 @@
+"""Command line: `llm-router serve|check|models|status|switch|unload`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from router import __version__
+from router.config import ConfigError, load_config, resolve_config_dir
+
+
+def _daemon_url(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The running daemon's URL and API key: --url/--api-key, else from the config files."""
+    key = args.api_key or os.environ.get("LLM_ROUTER_API_KEY")
+    if args.url:
+        return args.url.rstrip("/"), key
+    url = "http://127.0.0.1:8002"
+    try:
+        config = load_config(resolve_config_dir(args.config_dir))
+        host = config.listen.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{config.listen.port}"
+        key = key or config.api_key
+    except (ConfigError, OSError):
+        pass  # the defaults will do; the request says if they don't
+    return url, key
+
+
+def _client(args: argparse.Namespace) -> Any:
+    import httpx
+
+    url, key = _daemon_url(args)
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(10.0, read=None), trust_env=False)
+
+
+def _unreachable(args: argparse.Namespace, error: Exception) -> int:
+    url, _ = _daemon_url(args)
+    print(f"llm-router: cannot reach the daemon at {url}: {error}\n"
+          "Is it running? `systemctl status llm-router`; or pass --url.", file=sys.stderr)
+    return 3
+
+
+def _error_text(body: Any) -> str:
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return str(body["error"].get("message"))
+    return json.dumps(body)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from router import daemon, logs
+
+    logs.setup(args.log_level)
+    return daemon.run(resolve_config_dir(args.config_dir))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config_dir = resolve_config_dir(args.config_dir)
+    try:
+        config = load_config(config_dir)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    print(f"{config_dir}: OK, {len(config.models)} models on {len(config.backends)} backends "
+          f"({', '.join(config.backends)}), listening on {config.listen.host}:{config.listen.port}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import httpx
+
+    try:
+        with _client(args) as client:
+            r = client.get("/v1/models")
+    except httpx.HTTPError as e:
+        return _unreachable(args, e)
+    if r.status_code != 200:
+        print(f"llm-router: {_error_text(r.json())}", file=sys.stderr)
+        return 1
+    rows = [(m["id"], m.get("backend", ""), m.get("unit", ""), m.get("state", "")) for m in r.json()["data"]]
+    _table(("MODEL", "BACKEND", "UNIT", "STATE"), rows)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import httpx
+
+    try:
+        with _client(args) as client:
+            r = client.get("/status")
+    except httpx.HTTPError as e:
+        return _unreachable(args, e)
+    status = r.json()
+    if r.status_code != 200:
+        print(f"llm-router: {_error_text(status)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"active:  {status['active_model'] or '(none)'}")
+    switch = status.get("switch")
+    if switch:
+        print(f"loading: {switch['target'] or '(unload)'} — {switch['phase']}, "
+              f"{switch['elapsed']:.0f}s of {switch['load_timeout']:.0f}s")
+    last = status.get("last_switch")
+    if last:
+        outcome = "ok" if last["ok"] else f"FAILED: {last['error']}"
+        print(f"last switch: {last['target']} in {last['took']:.1f}s, {outcome}")
+    for unit, state in status.get("units", {}).items():
+        if isinstance(state, dict):
+            print(f"unit {unit}: {state['active_state']} ({state['sub_state']})")
+    if status.get("queued"):
+        print(f"queued: {status['queued']}")
+    gpu = status.get("gpu", {})
+    print("gpu: " + (", ".join(f"{g['name']} {g['memory_used_mib']}/{g['memory_total_mib']} MiB"
+                               for g in gpu.get("gpus", [])) if gpu.get("available")
+                     else f"unavailable ({gpu.get('reason')})"))
+    return 0
+
+
+def cmd_switch(args: argparse.Namespace) -> int:
+    import httpx
+
+    try:
+        with _client(args) as client, client.stream("POST", "/admin/load", json={"model": args.model}) as r:
+            if r.status_code != 200:
+                r.read()
+                print(f"llm-router: {_error_text(r.json())}", file=sys.stderr)
+                return 1
+            for line in r.iter_lines():
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if "status" in event:
+                    print(event["status"], flush=True)
+                elif event.get("done"):
+                    took = event.get("took")
+                    print(f"✅ {args.model} is loaded" + (f" (took {took:.0f}s)" if took else " (already)"))
+                    return 0
+                elif "error" in event:
+                    print(f"❌ {_error_text(event)}", file=sys.stderr)
+                    return 1
+    except httpx.HTTPError as e:
+        return _unreachable(args, e)
+    print("llm-router: the daemon ended the answer early", file=sys.stderr)
+    return 1
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    import httpx
+
+    try:
+        with _client(args) as client:
+            r = client.post("/admin/unload")
+    except httpx.HTTPError as e:
+        return _unreachable(args, e)
+    if r.status_code != 200:
+        print(f"llm-router: {_error_text(r.json())}", file=sys.stderr)
+        return 1
+    units = r.json().get("unloaded", [])
+    print("stopped " + ", ".join(units) if units else "nothing was loaded")
+    return 0
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    for row in (header, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config-dir", help="default: $LLM_ROUTER_CONFIG_DIR, else /etc/llm-router")
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--url", help="the daemon's URL (default: from config.yml's listen)")
+    remote.add_argument("--api-key", help="default: $LLM_ROUTER_API_KEY, else config.yml's api_key")
+
+    p = argparse.ArgumentParser(prog="llm-router", description=__doc__)
+    p.add_argument("--version", action="version", version=f"llm-router {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", parents=[common], help="run the daemon")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=cmd_serve)
+    sub.add_parser("check", parents=[common], help="validate config.yml and models.yml").set_defaults(
+        func=cmd_check)
+    sub.add_parser("models", parents=[common, remote], help="list models and their state").set_defaults(
+        func=cmd_models)
+    st = sub.add_parser("status", parents=[common, remote], help="what is loaded, what is loading")
+    st.add_argument("--json", action="store_true", help="print the daemon's /status as JSON")
+    st.set_defaults(func=cmd_status)
+    sw = sub.add_parser("switch", parents=[common, remote], help="load a model now, printing progress")
+    sw.add_argument("model")
+    sw.set_defaults(func=cmd_switch)
+    sub.add_parser("unload", parents=[common, remote], help="stop the loaded model").set_defaults(
+        func=cmd_unload)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.config_dir:
+        args.config_dir = str(Path(args.config_dir))
+    return int(args.func(args))

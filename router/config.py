@@ -1,0 +1,807 @@
+"""Configuration: load and validate config.yml and models.yml into immutable objects (no other I/O)."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import shlex
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+from urllib.parse import urlsplit
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+DEFAULT_CONFIG_DIR = Path("/etc/llm-router")
+STATUS_CHANNELS = ("event", "reasoning", "content", "none")
+BUSES = ("system", "user")
+CONFIG_FILE = "config.yml"
+MODELS_FILE = "models.yml"
+
+# Characters systemd reads as ExecStart= prefixes (systemd.service(5), "Special executable prefixes").
+EXEC_PREFIX_CHARS = "-@:+!"
+# Characters that end a line for systemd's unit file reader (or end a C string): never allowed in a value.
+LINE_BREAKS = ("\n", "\r", "\0")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# systemd unit names: [A-Za-z0-9:_.\-] plus at most one "@" (template instance), here only .service units.
+SERVICE_UNIT_RE = re.compile(r"[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.service\Z")
+
+_NULL = "tag:yaml.org,2002:null"
+_STR = "tag:yaml.org,2002:str"
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = 8002
+
+
+@dataclass(frozen=True)
+class SystemdSettings:
+    bus: Literal["system", "user"] = "system"
+    dropin_dir: Path = Path("/etc/systemd/system")  # resolved default, never None after loading
+
+
+@dataclass(frozen=True)
+class SwitchSettings:
+    load_timeout: float = 180.0
+    stop_timeout: float = 30.0
+    status_every: float = 10.0
+    status_channel: Literal["event", "reasoning", "content", "none"] = "event"
+    keepalive_every: float = 2.0  # seconds between ": loading" SSE comments while a client waits
+    health_interval: float = 0.25  # seconds between health polls while a unit loads
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    unit: str
+    url: str  # no trailing slash
+    health: str = "/health"
+    config_file: Path | None = None
+    warmup: float = 0.0
+
+
+@dataclass(frozen=True)
+class Model:
+    id: str
+    backend: str
+    name: str | None = None
+    command: tuple[str, ...] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    model_name: str | None = None
+    upstream_model: str | None = None
+    load_timeout: float | None = None
+    warmup: float | None = None
+    unit: str | None = None
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.id
+
+
+@dataclass(frozen=True)
+class Config:
+    config_dir: Path
+    listen: Listen = field(default_factory=Listen)
+    systemd: SystemdSettings = field(default_factory=SystemdSettings)
+    switch: SwitchSettings = field(default_factory=SwitchSettings)
+    stats: bool = True
+    api_key: str | None = None
+    backends: Mapping[str, Backend] = field(default_factory=dict)
+    models: Mapping[str, Model] = field(default_factory=dict)
+
+    def backend_of(self, model: Model) -> Backend:
+        return self.backends[model.backend]
+
+    def unit_of(self, model: Model) -> str:
+        """The systemd unit that serves `model`: its own unit if it has one, else its backend's."""
+        return model.unit or self.backends[model.backend].unit
+
+    def load_timeout_of(self, model: Model) -> float:
+        return model.load_timeout if model.load_timeout is not None else self.switch.load_timeout
+
+    def warmup_of(self, model: Model) -> float:
+        return model.warmup if model.warmup is not None else self.backends[model.backend].warmup
+
+    def managed_units(self) -> list[str]:
+        """Every unit the router may start or stop, in a stable order."""
+        units = [b.unit for b in self.backends.values()] + [m.unit for m in self.models.values() if m.unit]
+        return list(dict.fromkeys(units))
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in a configuration file, with the 1-based line when known."""
+
+    file: Path
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        if self.line is None:
+            return f"{self.file}: {self.message}"
+        return f"{self.file}:{self.line}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `problems` lists every problem found, one per line in str()."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+    def __str__(self) -> str:
+        return "\n".join(str(p) for p in self.problems)
+
+
+def resolve_config_dir(cli_value: str | None) -> Path:
+    """--config-dir, else $LLM_ROUTER_CONFIG_DIR, else /etc/llm-router."""
+    if cli_value:
+        return Path(cli_value)
+    env = os.environ.get("LLM_ROUTER_CONFIG_DIR")
+    return Path(env) if env else DEFAULT_CONFIG_DIR
+
+
+def load_config(config_dir: Path, environ: Mapping[str, str] = os.environ) -> Config:
+    """Read config_dir/config.yml and config_dir/models.yml and validate them; raise ConfigError."""
+    texts: dict[str, str] = {}
+    problems: list[Problem] = []
+    hints = {
+        CONFIG_FILE: "create it with at least a `backends:` section "
+        "(every key is documented in the example shipped as etc/llm-router/config.yml)",
+        MODELS_FILE: "create it with a `models:` mapping of model ids "
+        "(see the example shipped as etc/llm-router/models.yml)",
+    }
+    for name in (CONFIG_FILE, MODELS_FILE):
+        path = config_dir / name
+        try:
+            texts[name] = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            problems.append(Problem(path, None, f"file not found: {hints[name]}"))
+        except IsADirectoryError:
+            problems.append(Problem(path, None, "is a directory, expected a YAML file"))
+        except UnicodeDecodeError as exc:
+            problems.append(Problem(path, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"))
+        except OSError as exc:
+            problems.append(Problem(path, None, f"cannot read: {exc.strerror or exc}"))
+    if problems:
+        raise ConfigError(problems)
+    return parse_config(texts[CONFIG_FILE], texts[MODELS_FILE], config_dir, environ)
+
+
+def parse_config(
+    config_text: str, models_text: str, config_dir: Path, environ: Mapping[str, str] = os.environ
+) -> Config:
+    """Validate the two files' contents and build the Config; raise ConfigError listing every problem."""
+    config_file = config_dir / CONFIG_FILE
+    models_file = config_dir / MODELS_FILE
+    cchk = _Checker(config_file)
+    mchk = _Checker(models_file)
+
+    croot = cchk.compose(config_text)
+    settings = _parse_config_yml(cchk, croot, environ)
+    mroot = mchk.compose(models_text)
+    models: dict[str, Model] = {}
+    if mroot is not _BROKEN:
+        models = _parse_models_yml(mchk, cast("Node | None", mroot), settings)
+
+    problems = sorted(cchk.problems, key=_line_key) + sorted(mchk.problems, key=_line_key)
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        config_dir=config_dir,
+        listen=settings.listen,
+        systemd=settings.systemd,
+        switch=settings.switch,
+        stats=settings.stats,
+        api_key=settings.api_key,
+        backends=settings.backends,
+        models=models,
+    )
+
+
+def _line_key(problem: Problem) -> int:
+    return problem.line or 0
+
+
+# --- walking YAML nodes -------------------------------------------------------------------------------
+
+_BROKEN = object()  # compose() failed: the file's syntax problem is already recorded
+
+
+def _line(node: Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _describe(node: Node) -> str:
+    """How a node reads to a user in 'expected X, got Y' messages."""
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    value = cast("ScalarNode", node).value
+    kind = {
+        _NULL: "nothing (null)",
+        "tag:yaml.org,2002:bool": "a boolean",
+        "tag:yaml.org,2002:int": "an integer",
+        "tag:yaml.org,2002:float": "a number",
+        "tag:yaml.org,2002:timestamp": "a date",
+    }.get(node.tag)
+    if kind == "nothing (null)":
+        return kind
+    shown = value if len(value) <= 40 else value[:37] + "..."
+    return f"{kind} {shown!r}" if kind else f"{shown!r}"
+
+
+def _control_free(text: str) -> bool:
+    return not any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
+@dataclass
+class _Item:
+    key: str
+    key_node: Node
+    node: Node
+
+
+class _Checker:
+    """Collects problems for one file while typed values are read out of its YAML nodes."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self.problems: list[Problem] = []
+        self._ctor = yaml.constructor.SafeConstructor()
+
+    def problem(self, node: Node | None, message: str) -> None:
+        self.problems.append(Problem(self.file, _line(node) if node is not None else None, message))
+
+    def compose(self, text: str) -> Node | object | None:
+        try:
+            return yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            what = ": ".join(x for x in (exc.context, exc.problem) if x) or "syntax error"
+            line = mark.line + 1 if mark is not None else None
+            self.problems.append(Problem(self.file, line, f"invalid YAML: {what}"))
+        except yaml.reader.ReaderError as exc:
+            line = text.count("\n", 0, exc.position) + 1
+            code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+            self.problems.append(Problem(self.file, line, f"invalid YAML: character U+{code:04X} is not "
+                                                          "allowed in a YAML file; remove it"))
+        except yaml.YAMLError as exc:
+            self.problems.append(Problem(self.file, None, f"invalid YAML: {exc}"))
+        return _BROKEN
+
+    def value(self, node: ScalarNode, path: str) -> Any:
+        try:
+            return self._ctor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError) as exc:
+            reason = getattr(exc, "problem", None) or str(exc)
+            self.problem(node, f"{path}: cannot read this value ({reason}); remove the YAML tag or fix it")
+            return _BROKEN
+
+    # mappings
+
+    def items(self, node: Node, path: str, *, what: str = "a mapping") -> list[_Item] | None:
+        """The key/value pairs of a mapping node (merge keys applied, duplicates reported), or None."""
+        if not isinstance(node, MappingNode):
+            self.problem(node, f"{path or 'top level'}: expected {what}, got {_describe(node)}")
+            return None
+        return list(self._pairs(node, path, depth=0))
+
+    def _pairs(self, node: MappingNode, path: str, depth: int) -> Iterator[_Item]:
+        own: dict[str, _Item] = {}
+        merged: dict[str, _Item] = {}
+        order: list[str] = []
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE:
+                for item in self._merge_sources(value_node, path, depth):
+                    if item.key not in merged:
+                        merged[item.key] = item
+                        order.append(item.key)
+                continue
+            if not isinstance(key_node, ScalarNode) or key_node.tag == _NULL or key_node.value == "":
+                self.problem(key_node, f"{_join(path, '?')}: keys must be non-empty names, "
+                                       f"got {_describe(key_node)}")
+                continue
+            key = key_node.value
+            if key in own:
+                first = _line(own[key].key_node)
+                self.problem(key_node, f"{_join(path, key)}: duplicate key (first defined on line {first}); "
+                                       "YAML would silently keep only the last one: remove or rename one")
+                continue
+            own[key] = _Item(key, key_node, value_node)
+            order.append(key)
+        for key in dict.fromkeys(order):
+            yield own.get(key) or merged[key]
+
+    def _merge_sources(self, node: Node, path: str, depth: int) -> Iterator[_Item]:
+        if depth > 20:
+            self.problem(node, f"{path}: merge keys (<<) nest too deep or refer to themselves")
+            return
+        sources = node.value if isinstance(node, SequenceNode) else [node]
+        for src in sources:
+            if not isinstance(src, MappingNode):
+                self.problem(src, f"{path}: a merge key (<<) needs a mapping or a list of mappings, "
+                                  f"got {_describe(src)}")
+                continue
+            yield from self._pairs(src, path, depth + 1)
+
+    def section(
+        self, node: Node | None, path: str, allowed: tuple[str, ...], *, null_ok: bool = True
+    ) -> dict[str, _Item]:
+        """A mapping with a fixed set of keys; unknown keys are reported. An absent/null section is {}."""
+        if node is None or (null_ok and isinstance(node, ScalarNode) and node.tag == _NULL):
+            return {}
+        items = self.items(node, path)
+        if items is None:
+            return {}
+        result: dict[str, _Item] = {}
+        for item in items:
+            if item.key not in allowed:
+                self.unknown_key(item, path, allowed)
+                continue
+            result[item.key] = item
+        return result
+
+    def unknown_key(self, item: _Item, path: str, allowed: tuple[str, ...]) -> None:
+        near = difflib.get_close_matches(item.key, allowed, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        self.problem(item.key_node, f"{_join(path, item.key)}: unknown key; {hint}allowed keys: "
+                                    f"{', '.join(allowed)}")
+
+    # scalars
+
+    def scalar(self, node: Node, path: str, expected: str) -> Any:
+        """The constructed value of a scalar node, or _BROKEN (problem recorded) for lists/mappings."""
+        if not isinstance(node, ScalarNode):
+            self.problem(node, f"{path}: expected {expected}, got {_describe(node)}")
+            return _BROKEN
+        return self.value(node, path)
+
+    def number(
+        self, item: _Item | None, path: str, default: float, *, minimum: float = 0.0, strict: bool = True
+    ) -> float:
+        if item is None:
+            return default
+        op = ">" if strict else ">="
+        expected = f"a number of seconds {op} {minimum:g}"
+        value = self.scalar(item.node, path, expected)
+        if value is _BROKEN:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            self.problem(item.node, f"{path}: expected {expected}, got {_describe(item.node)}")
+            return default
+        if (value <= minimum) if strict else (value < minimum):
+            self.problem(item.node, f"{path}: must be {op} {minimum:g}, got {value:g}")
+            return default
+        if value == float("inf"):
+            self.problem(item.node, f"{path}: must be a finite number of seconds")
+            return default
+        return float(value)
+
+    def string(
+        self, item: _Item | None, path: str, default: str | None = None, *, what: str = "a non-empty string"
+    ) -> str | None:
+        """A non-empty string without line breaks or NUL (numbers are not accepted as strings)."""
+        if item is None:
+            return default
+        value = self.scalar(item.node, path, what)
+        if value is _BROKEN:
+            return default
+        if not isinstance(value, str) or value == "":
+            hint = ""
+            if value is not None and not isinstance(value, str):
+                hint = " (put it in quotes to use it as text)"
+            self.problem(item.node, f"{path}: expected {what}, got {_describe(item.node)}{hint}")
+            return default
+        if any(c in value for c in LINE_BREAKS):
+            self.problem(item.node, f"{path}: must not contain a line break or NUL character")
+            return default
+        return value
+
+    def text(self, node: Node, path: str, expected: str) -> str | None:
+        """A scalar taken as the text the user wrote (numbers and booleans kept as typed), or None."""
+        if not isinstance(node, ScalarNode) or node.tag == _NULL:
+            self.problem(node, f"{path}: expected {expected}, got {_describe(node)}")
+            return None
+        return node.value
+
+    def choice(self, item: _Item | None, path: str, choices: tuple[str, ...], default: str) -> str:
+        if item is None:
+            return default
+        value = self.scalar(item.node, path, f"one of {', '.join(choices)}")
+        if value is _BROKEN:
+            return default
+        if value not in choices:
+            self.problem(item.node, f"{path}: expected one of {', '.join(choices)}, "
+                                    f"got {_describe(item.node)}")
+            return default
+        return cast("str", value)
+
+    def boolean(self, item: _Item | None, path: str, default: bool) -> bool:
+        if item is None:
+            return default
+        value = self.scalar(item.node, path, "true or false")
+        if value is _BROKEN:
+            return default
+        if not isinstance(value, bool):
+            self.problem(item.node, f"{path}: expected true or false, got {_describe(item.node)}")
+            return default
+        return value
+
+    def unit(self, item: _Item | None, path: str) -> str | None:
+        value = self.string(item, path, what="a systemd unit name like 'vllm.service'")
+        if value is None or item is None:
+            return None
+        if "/" in value:
+            self.problem(item.node, f"{path}: {value!r} is a path; give the unit's name only, "
+                                    f"like {value.rsplit('/', 1)[-1]!r}")
+        elif not value.endswith(".service"):
+            self.problem(item.node, f"{path}: {value!r} must be a service unit name ending in '.service'")
+        elif not SERVICE_UNIT_RE.match(value) or len(value) > 255:
+            self.problem(item.node, f"{path}: {value!r} is not a valid unit name: use letters, digits, "
+                                    "':', '_', '.', '-', '\\' and at most one '@'")
+        elif value.endswith("@.service"):
+            self.problem(item.node, f"{path}: {value!r} is a template; name an instance, "
+                                    f"like {value[:-len('.service')]}NAME.service")
+        else:
+            return value
+        return None
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+# --- config.yml -------------------------------------------------------------------------------------------
+
+_TOP_KEYS = ("listen", "systemd", "switch", "stats", "api_key", "backends")
+_LISTEN_KEYS = ("host", "port")
+_SYSTEMD_KEYS = ("bus", "dropin_dir")
+_SWITCH_KEYS = (
+    "load_timeout", "stop_timeout", "status_every", "status_channel", "keepalive_every", "health_interval",
+)
+_BACKEND_KEYS = ("unit", "url", "health", "config_file", "warmup")
+
+
+@dataclass
+class _Settings:
+    """What config.yml yields, plus what models.yml validation needs to know about backends."""
+
+    listen: Listen = field(default_factory=Listen)
+    systemd: SystemdSettings = field(default_factory=SystemdSettings)
+    switch: SwitchSettings = field(default_factory=SwitchSettings)
+    stats: bool = True
+    api_key: str | None = None
+    backends: dict[str, Backend] = field(default_factory=dict)
+    backend_names: list[str] = field(default_factory=list)  # every name written, valid or not
+    backends_with_config_file: set[str] = field(default_factory=set)
+    backends_readable: bool = True  # False when config.yml or its backends section could not be read
+
+
+def _parse_config_yml(chk: _Checker, root: Node | object | None, environ: Mapping[str, str]) -> _Settings:
+    out = _Settings()
+    if root is _BROKEN:
+        out.backends_readable = False
+        return out
+    top = chk.section(cast("Node | None", root), "", _TOP_KEYS)
+
+    listen = chk.section(_node(top.get("listen")), "listen", _LISTEN_KEYS)
+    host = chk.string(listen.get("host"), "listen.host", Listen.host, what="a host name or IP address")
+    port = Listen.port
+    if (item := listen.get("port")) is not None:
+        value = chk.scalar(item.node, "listen.port", "a port number 1..65535")
+        if value is not _BROKEN:
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+                chk.problem(item.node, "listen.port: expected a port number 1..65535, "
+                                       f"got {_describe(item.node)}")
+            else:
+                port = value
+    out.listen = Listen(host=host or Listen.host, port=port)
+
+    sysd = chk.section(_node(top.get("systemd")), "systemd", _SYSTEMD_KEYS)
+    bus = chk.choice(sysd.get("bus"), "systemd.bus", BUSES, "system")
+    out.systemd = SystemdSettings(bus=cast("Literal['system', 'user']", bus),
+                                  dropin_dir=_dropin_dir(chk, sysd, bus, environ))
+
+    sw = chk.section(_node(top.get("switch")), "switch", _SWITCH_KEYS)
+    d = SwitchSettings()
+    out.switch = SwitchSettings(
+        load_timeout=chk.number(sw.get("load_timeout"), "switch.load_timeout", d.load_timeout),
+        stop_timeout=chk.number(sw.get("stop_timeout"), "switch.stop_timeout", d.stop_timeout),
+        status_every=chk.number(sw.get("status_every"), "switch.status_every", d.status_every),
+        status_channel=cast(
+            "Literal['event', 'reasoning', 'content', 'none']",
+            chk.choice(sw.get("status_channel"), "switch.status_channel", STATUS_CHANNELS, d.status_channel),
+        ),
+        keepalive_every=chk.number(sw.get("keepalive_every"), "switch.keepalive_every", d.keepalive_every),
+        health_interval=chk.number(sw.get("health_interval"), "switch.health_interval", d.health_interval),
+    )
+
+    out.stats = chk.boolean(top.get("stats"), "stats", True)
+    if (item := top.get("api_key")) is not None and not (
+        isinstance(item.node, ScalarNode) and item.node.tag == _NULL
+    ):
+        out.api_key = chk.string(item, "api_key", what="a non-empty string (or null for no key)")
+
+    _parse_backends(chk, top.get("backends"), out)
+    return out
+
+
+def _node(item: _Item | None) -> Node | None:
+    return item.node if item is not None else None
+
+
+def _dropin_dir(chk: _Checker, sysd: dict[str, _Item], bus: str, environ: Mapping[str, str]) -> Path:
+    item = sysd.get("dropin_dir")
+    if item is not None and not (isinstance(item.node, ScalarNode) and item.node.tag == _NULL):
+        value = chk.string(item, "systemd.dropin_dir", what="an absolute directory path")
+        if value is not None:
+            if os.path.isabs(value):
+                return Path(value)
+            chk.problem(item.node, f"systemd.dropin_dir: {value!r} must be an absolute path "
+                                   "(like /etc/systemd/system)")
+        return SystemdSettings.dropin_dir
+    if bus == "system":
+        return Path("/etc/systemd/system")
+    xdg = environ.get("XDG_CONFIG_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "systemd" / "user"
+    home = environ.get("HOME", "")
+    if os.path.isabs(home):
+        return Path(home) / ".config" / "systemd" / "user"
+    where = sysd.get("bus")
+    chk.problem(where.node if where else None, "systemd.dropin_dir: cannot work out the user manager's "
+                "drop-in directory: neither XDG_CONFIG_HOME nor HOME is set; set systemd.dropin_dir")
+    return SystemdSettings.dropin_dir
+
+
+def _parse_backends(chk: _Checker, item: _Item | None, out: _Settings) -> None:
+    if item is None or (isinstance(item.node, ScalarNode) and item.node.tag == _NULL):
+        return
+    entries = chk.items(item.node, "backends", what="a mapping of backend name -> settings")
+    if entries is None:
+        out.backends_readable = False
+    for entry in entries or []:
+        name = entry.key
+        path = f"backends.{name}"
+        out.backend_names.append(name)
+        if not _control_free(name) or any(c.isspace() for c in name):
+            chk.problem(entry.key_node, f"{path}: a backend name must not contain spaces or control "
+                                        "characters")
+            continue
+        fields = chk.section(entry.node, path, _BACKEND_KEYS, null_ok=False)
+        if "config_file" in fields:
+            out.backends_with_config_file.add(name)
+        before = len(chk.problems)
+        for required in ("unit", "url"):
+            if required not in fields and isinstance(entry.node, MappingNode):
+                example = "llamacpp.service" if required == "unit" else "http://127.0.0.1:8080"
+                chk.problem(entry.key_node, f"{path}.{required}: missing; every backend needs a {required} "
+                                            f"(like {required}: {example})")
+        unit = chk.unit(fields.get("unit"), f"{path}.unit")
+        url = _url(chk, fields.get("url"), f"{path}.url")
+        health = "/health"
+        h = chk.string(fields.get("health"), f"{path}.health", what="a URL path like /health")
+        if h is not None:
+            if not h.startswith("/") or any(c.isspace() for c in h):
+                chk.problem(fields["health"].node, f"{path}.health: expected a URL path starting with '/' "
+                                                   f"(like /health), got {h!r}")
+            else:
+                health = h
+        config_file: Path | None = None
+        if (cf := chk.string(fields.get("config_file"), f"{path}.config_file",
+                             what="an absolute file path")) is not None:
+            if os.path.isabs(cf):
+                config_file = Path(cf)
+            else:
+                chk.problem(fields["config_file"].node,
+                            f"{path}.config_file: {cf!r} must be an absolute path")
+        warmup = chk.number(fields.get("warmup"), f"{path}.warmup", 0.0, strict=False)
+        if len(chk.problems) == before and unit is not None and url is not None:
+            out.backends[name] = Backend(name=name, unit=unit, url=url, health=health,
+                                         config_file=config_file, warmup=warmup)
+
+
+def _url(chk: _Checker, item: _Item | None, path: str) -> str | None:
+    value = chk.string(item, path, what="a URL like http://127.0.0.1:8000")
+    if value is None or item is None:
+        return None
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError as exc:
+        chk.problem(item.node, f"{path}: {value!r} is not a valid URL ({exc})")
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        chk.problem(item.node, f"{path}: expected an http:// or https:// URL with a host, "
+                               f"like http://127.0.0.1:8000, got {value!r}")
+        return None
+    if parts.query or parts.fragment or any(c.isspace() for c in value):
+        chk.problem(item.node, f"{path}: the URL must not contain a query, fragment or spaces: {value!r}")
+        return None
+    return value.rstrip("/")
+
+
+# --- models.yml -------------------------------------------------------------------------------------------
+
+_MODEL_KEYS = ("backend", "name", "command", "env", "model_name", "upstream_model", "load_timeout", "warmup",
+               "unit")
+
+
+def _parse_models_yml(chk: _Checker, root: Node | None, settings: _Settings) -> dict[str, Model]:
+    top = chk.section(root, "", ("models",))
+    item = top.get("models")
+    if item is None or (isinstance(item.node, ScalarNode) and item.node.tag == _NULL):
+        chk.problem(item.key_node if item else None,
+                    "no models defined in models.yml: add at least one under `models:`")
+        return {}
+    entries = chk.items(item.node, "models", what="a mapping of model id -> settings")
+    if entries is None:
+        return {}
+    if not entries:
+        chk.problem(item.node, "no models defined in models.yml: add at least one under `models:`")
+        return {}
+
+    models: dict[str, Model] = {}
+    on_backend_unit: dict[str, list[tuple[_Item, Model]]] = {}
+    for entry in entries:
+        model = _parse_model(chk, entry, settings)
+        if model is None:
+            continue
+        models[model.id] = model
+        if model.unit is None:
+            on_backend_unit.setdefault(model.backend, []).append((entry, model))
+
+    # Several models started through one backend unit must differ in what the router writes.
+    for backend, sharing in on_backend_unit.items():
+        if len(sharing) < 2:
+            continue
+        others = ", ".join(m.id for _, m in sharing)
+        for entry, model in sharing:
+            if model.command is None and model.model_name is None and not model.env:
+                chk.problem(entry.key_node, f"models.{model.id}: backend {backend!r} serves several "
+                            f"models ({others}), so each needs its own `command` (or `model_name` with the "
+                            "backend's config_file, or `env`, or a dedicated `unit`); otherwise the router "
+                            "cannot tell which one runs")
+    return models
+
+
+def _parse_model(chk: _Checker, entry: _Item, settings: _Settings) -> Model | None:
+    mid = entry.key
+    path = f"models.{mid}"
+    before = len(chk.problems)
+    if not _control_free(mid) or any(c.isspace() for c in mid):
+        chk.problem(entry.key_node, f"{path}: a model id must not contain spaces or control characters")
+        return None
+    if isinstance(entry.node, ScalarNode) and entry.node.tag == _NULL:
+        chk.problem(entry.key_node, f"{path}: no settings; give at least `backend:`")
+        return None
+    fields = chk.section(entry.node, path, _MODEL_KEYS, null_ok=False)
+    if not isinstance(entry.node, MappingNode):
+        return None
+
+    backend = chk.string(fields.get("backend"), f"{path}.backend", what="a backend name from config.yml")
+    if "backend" not in fields:
+        chk.problem(entry.key_node, f"{path}.backend: missing; say which backend from config.yml serves "
+                                    f"this model ({_known(settings)})")
+    elif backend is not None and settings.backends_readable and backend not in settings.backend_names:
+        chk.problem(fields["backend"].node,
+                    f"{path}.backend: unknown backend {backend!r}; {_known(settings)}")
+        backend = None
+
+    name = chk.string(fields.get("name"), f"{path}.name", what="a display name")
+    upstream = chk.string(fields.get("upstream_model"), f"{path}.upstream_model",
+                          what="the model name the engine knows")
+    model_name = chk.string(fields.get("model_name"), f"{path}.model_name",
+                            what="the model name to write into the backend's config_file")
+    if (model_name is not None and backend is not None and settings.backends_readable
+            and backend not in settings.backends_with_config_file):
+        chk.problem(fields["model_name"].node, f"{path}.model_name: backend {backend!r} has no config_file "
+                    f"to write it into; set backends.{backend}.config_file in config.yml, or use `command`")
+    load_timeout = (chk.number(fields["load_timeout"], f"{path}.load_timeout", 0.0)
+                    if "load_timeout" in fields else None)
+    warmup = chk.number(fields["warmup"], f"{path}.warmup", 0.0, strict=False) if "warmup" in fields else None
+    unit = chk.unit(fields.get("unit"), f"{path}.unit")
+    command = _command(chk, fields.get("command"), f"{path}.command")
+    env = _env(chk, fields.get("env"), f"{path}.env")
+
+    if "unit" in fields:
+        clash = [k for k in ("command", "env", "model_name") if k in fields]
+        if clash:
+            chk.problem(fields["unit"].key_node, f"{path}.unit: a model with its own unit is only started "
+                        f"and stopped, nothing is rewritten; remove {', '.join(clash)} or remove unit")
+
+    if len(chk.problems) != before or backend is None:
+        return None
+    return Model(id=mid, backend=backend, name=name, command=command, env=env, model_name=model_name,
+                 upstream_model=upstream, load_timeout=load_timeout, warmup=warmup, unit=unit)
+
+
+def _known(settings: _Settings) -> str:
+    if not settings.backend_names:
+        return "no backends are defined in config.yml: add one under `backends:`"
+    return "known backends: " + ", ".join(settings.backend_names)
+
+
+def _command(chk: _Checker, item: _Item | None, path: str) -> tuple[str, ...] | None:
+    if item is None:
+        return None
+    node = item.node
+    expected = "a command line string or a list of arguments"
+    args: list[tuple[str, Node]] = []
+    if isinstance(node, SequenceNode):
+        for i, arg_node in enumerate(node.value):
+            text = chk.text(arg_node, f"{path}[{i}]", "a string or number")
+            if text is not None:
+                args.append((text, arg_node))
+        if len(args) != len(node.value):
+            return None
+    elif isinstance(node, ScalarNode) and node.tag == _STR:
+        try:
+            args = [(a, node) for a in shlex.split(node.value)]
+        except ValueError as exc:
+            chk.problem(node, f"{path}: cannot split into arguments the way a shell would ({exc}); "
+                              "check the quotes, or give a list of arguments")
+            return None
+    else:
+        chk.problem(node, f"{path}: expected {expected}, got {_describe(node)}")
+        return None
+
+    if not args:
+        chk.problem(node, f"{path}: is empty; give the program to run and its arguments")
+        return None
+    ok = True
+    for i, (arg, arg_node) in enumerate(args):
+        if any(c in arg for c in LINE_BREAKS):
+            chk.problem(arg_node, f"{path}: argument {i} ({arg!r}) contains a line break or NUL, which a "
+                                  "systemd ExecStart= line cannot carry; remove it")
+            ok = False
+    program, program_node = args[0]
+    if program == "":
+        chk.problem(program_node, f"{path}: the program (first argument) is empty")
+        ok = False
+    elif program[0] in EXEC_PREFIX_CHARS:
+        chk.problem(program_node, f"{path}: the program {program!r} must not start with one of "
+                                  f"{' '.join(EXEC_PREFIX_CHARS)} (systemd reads those as ExecStart= "
+                                  "prefixes)")
+        ok = False
+    elif "$" in program:
+        chk.problem(program_node, f"{path}: the program {program!r} must not contain '$': systemd runs the "
+                                  "path as written but expands '$' in the program's own argv[0]; rename it "
+                                  "or run it through a symlink")
+        ok = False
+    elif "/" in program and not program.startswith("/"):
+        chk.problem(program_node, f"{path}: the program {program!r} must be an absolute path "
+                                  "(like /usr/local/bin/llama-server) or a bare program name found in "
+                                  "systemd's search path; relative paths are not allowed")
+        ok = False
+    return tuple(a for a, _ in args) if ok else None
+
+
+def _env(chk: _Checker, item: _Item | None, path: str) -> dict[str, str]:
+    if item is None or (isinstance(item.node, ScalarNode) and item.node.tag == _NULL):
+        return {}
+    entries = chk.items(item.node, path, what="a mapping of VARIABLE: value")
+    env: dict[str, str] = {}
+    for entry in entries or []:
+        if not ENV_NAME_RE.match(entry.key):
+            chk.problem(entry.key_node, f"{path}: {entry.key!r} is not a valid variable name "
+                                        "(letters, digits and '_', not starting with a digit)")
+            continue
+        value = chk.text(entry.node, f"{path}.{entry.key}", 'a string or number (use "" for empty)')
+        if value is None:
+            continue
+        if any(c in value for c in LINE_BREAKS):
+            chk.problem(entry.node, f"{path}.{entry.key}: contains a line break or NUL, which a systemd "
+                                    "Environment= line cannot carry; remove it")
+            continue
+        env[entry.key] = value
+    return env
+

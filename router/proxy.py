@@ -1,0 +1,206 @@
+"""Relay: forwards one completion request to its engine and streams the answer back (the hot path).
+
+Bytes go through as the engine sends them (`aiter_raw`, no re-framing); a `StreamTap` looks only
+at the events that must change. While a request waits for a switch, the relay streams the status
+lines, keep-alive comments and, at the end, either the engine's answer or a readable error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import structlog
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from router.chunks import DONE, KEEPALIVE, ChunkWriter, error_body, failed_line, ready_line
+from router.config import Backend, Model
+from router.scheduler import Ticket
+from router.streamtap import StreamTap
+from router.switcher import Failed, Granted, Status, Switcher, Update
+
+log = structlog.get_logger("router.proxy")
+
+# Headers that belong to one hop, or that the relay sets itself.
+_HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
+        "proxy-authorization", "proxy-connection", "trailer", "accept-encoding", "content-encoding"}
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+@dataclass
+class Call:
+    """One completion request as the relay needs it."""
+
+    path: str  # /v1/chat/completions or /v1/completions
+    model_id: str
+    body: bytes  # what goes upstream
+    headers: dict[str, str]
+    stream: bool
+    client_usage: bool  # the client asked for stream_options.include_usage
+    ticket: Ticket
+    started: float = field(default_factory=time.monotonic)
+    waited: float = 0.0
+    status: int = 200
+    summary: dict[str, Any] | None = None
+
+
+def upstream_headers(request: Request, drop_auth: bool) -> dict[str, str]:
+    headers = {k: v for k, v in request.headers.items() if k not in _HOP}
+    if drop_auth:
+        headers.pop("authorization", None)
+    headers["accept-encoding"] = "identity"  # raw bytes from aiter_raw() are then the text itself
+    return headers
+
+
+def response_headers(resp: httpx.Response) -> dict[str, str]:
+    return {k: v for k, v in resp.headers.items() if k not in _HOP}
+
+
+class Relay:
+    def __init__(self, switcher: Switcher, http: httpx.AsyncClient) -> None:
+        self.switcher = switcher
+        self.http = http
+
+    async def handle(self, request: Request, call: Call) -> Response:
+        first = await self.switcher.next_update(call.ticket)
+        if isinstance(first, Granted):
+            return await self._direct(call, first)
+        if call.stream:
+            return StreamingResponse(self._wait_and_stream(call, first), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)
+        return await self._wait_quietly(request, call, first)
+
+    # --- the model is loaded: straight through ------------------------------------------------
+
+    async def _open(self, call: Call, backend: Backend) -> httpx.Response:
+        req = self.http.build_request("POST", backend.url + call.path, content=call.body, headers=call.headers)
+        return await self.http.send(req, stream=True)
+
+    async def _direct(self, call: Call, granted: Granted) -> Response:
+        try:
+            resp = await self._open(call, granted.backend)
+        except httpx.HTTPError as e:
+            self._finish(call, granted=True, status=502)
+            return JSONResponse(unreachable(granted.model, granted.backend, e), status_code=502)
+        call.status = resp.status_code
+        tap = None
+        if call.stream and resp.status_code == 200 and self.switcher.config.stats:
+            writer = ChunkWriter(call.model_id, completions="chat" not in call.path, role_sent=True)
+            tap = StreamTap(writer, stats=True, client_usage=call.client_usage, rewrite_id=False)
+        return StreamingResponse(self._pipe(call, resp, tap), status_code=resp.status_code,
+                                 headers={**response_headers(resp), **(SSE_HEADERS if call.stream else {})})
+
+    async def _pipe(self, call: Call, resp: httpx.Response, tap: StreamTap | None) -> AsyncIterator[bytes]:
+        try:
+            if tap is None:
+                async for piece in resp.aiter_raw():
+                    yield piece
+            else:
+                async for piece in resp.aiter_raw():
+                    out = tap.feed(piece)
+                    if out:
+                        yield out
+                rest = tap.finish()
+                if rest:
+                    yield rest
+                call.summary = tap.summary
+        except httpx.HTTPError as e:  # the engine went away mid-answer
+            log.warning("upstream_broken", model=call.model_id, error=str(e))
+            if call.stream:
+                writer = ChunkWriter(call.model_id)
+                yield writer.error(f"{call.model_id}: the backend broke off the answer ({e}).",
+                                   "backend_stream_broken")
+                yield DONE
+        finally:
+            await resp.aclose()
+            self._finish(call, granted=True)
+
+    # --- the model must be loaded first -------------------------------------------------------
+
+    async def _wait_and_stream(self, call: Call, first: Update | None) -> AsyncIterator[bytes]:
+        config = self.switcher.config
+        completions = "chat" not in call.path
+        writer = ChunkWriter(call.model_id, config.switch.status_channel, completions=completions)
+        granted = piped = False
+        try:
+            update = first
+            while True:
+                if update is None:
+                    yield KEEPALIVE
+                elif isinstance(update, Status):
+                    chunk = writer.status(update.text, update.done)
+                    if chunk:
+                        yield chunk
+                elif isinstance(update, Failed):
+                    call.status = 503
+                    yield writer.status(failed_line(update.display, update.error.what.rstrip(".")), done=True)
+                    yield writer.error(update.message, update.error.code)
+                    yield DONE
+                    return
+                elif isinstance(update, Granted):
+                    granted = True
+                    call.waited = time.monotonic() - call.started
+                    if update.took is not None:
+                        yield writer.status(ready_line(update.model.display_name, update.took), done=True)
+                    break
+                update = await self.switcher.next_update(call.ticket, config.switch.keepalive_every)
+            assert isinstance(update, Granted)
+            try:
+                resp = await self._open(call, update.backend)
+            except httpx.HTTPError as e:
+                call.status = 502
+                body = unreachable(update.model, update.backend, e)["error"]
+                yield writer.error(body["message"], body["code"])
+                yield DONE
+                return
+            if resp.status_code != 200:
+                call.status = resp.status_code
+                text = (await resp.aread()).decode("utf-8", "replace")[:2000]
+                await resp.aclose()
+                yield writer.error(f"{call.model_id}: the backend answered HTTP {resp.status_code}: {text}",
+                                   "backend_error")
+                yield DONE
+                return
+            writer.role_sent = True
+            tap = StreamTap(writer, stats=config.stats, client_usage=call.client_usage, rewrite_id=True)
+            piped = True  # from here _pipe reports the end of the response
+            async with contextlib.aclosing(self._pipe(call, resp, tap)) as pipe:
+                async for piece in pipe:
+                    yield piece
+        finally:
+            if not piped:
+                self._finish(call, granted=granted)
+
+    async def _wait_quietly(self, request: Request, call: Call, first: Update | None) -> Response:
+        update = first
+        while not isinstance(update, (Granted, Failed)):
+            update = await self.switcher.next_update(call.ticket, 1.0)
+            if update is None and await request.is_disconnected():
+                self._finish(call, granted=False, status=499)
+                return Response(status_code=499)
+        if isinstance(update, Failed):
+            self._finish(call, granted=False, status=503)
+            return JSONResponse(error_body(update.message, update.error.code, "server_error", "model"),
+                                status_code=503)
+        call.waited = time.monotonic() - call.started
+        return await self._direct(call, update)
+
+    def _finish(self, call: Call, granted: bool, status: int | None = None) -> None:
+        if status is not None:
+            call.status = status
+        self.switcher.done(call.ticket, granted)
+        log.info("request", path=call.path, model=call.model_id, stream=call.stream, status=call.status,
+                 waited=round(call.waited, 3), duration=round(time.monotonic() - call.started, 3),
+                 **(call.summary or {}))
+
+
+def unreachable(model: Model, backend: Backend, error: Exception) -> dict[str, Any]:
+    return error_body(
+        f"{model.id}: the backend at {backend.url} (unit {backend.unit}) did not answer: {error}. "
+        f"Check `systemctl status {backend.unit}` and `journalctl -u {backend.unit}`.",
+        "backend_unreachable", "server_error")

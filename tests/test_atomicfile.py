@@ -1,0 +1,95 @@
+"""Unit tests for router.atomicfile: atomic replace keeps mode and owner, leaves no temp file, skips no-ops."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from router import atomicfile
+from router.atomicfile import remove_file, write_atomic
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_new_file_gets_0644_and_parents(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "x.conf.d" / "50.conf"
+    old_umask = os.umask(0o077)
+    try:
+        assert write_atomic(path, "hello ünï\n") is True
+    finally:
+        os.umask(old_umask)
+    assert path.read_text(encoding="utf-8") == "hello ünï\n"
+    assert mode(path) == 0o644
+    assert os.listdir(path.parent) == ["50.conf"]
+
+
+def test_replaces_content_and_keeps_mode(tmp_path: Path) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text("old\n")
+    path.chmod(0o640)
+    inode = path.stat().st_ino
+    assert write_atomic(path, "new\n") is True
+    assert path.read_text() == "new\n"
+    assert mode(path) == 0o640
+    assert path.stat().st_ino != inode  # replaced, not rewritten in place
+    assert os.listdir(tmp_path) == ["config.yml"]
+
+
+def test_identical_content_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text("same\n")
+    before = path.stat()
+    assert write_atomic(path, "same\n") is False
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert write_atomic(path, "same\nplus\n") is True
+    assert write_atomic(path, "same") is True  # a prefix of the old content is a change too
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_keeps_owner(tmp_path: Path) -> None:
+    path = tmp_path / "tabby.yml"
+    path.write_text("old\n")
+    os.chown(path, 65534, 65534)
+    assert write_atomic(path, "new\n") is True
+    st = path.stat()
+    assert (st.st_uid, st.st_gid) == (65534, 65534)
+
+
+def test_writes_through_a_symlink(tmp_path: Path) -> None:
+    real = tmp_path / "real.yml"
+    real.write_text("old\n")
+    link = tmp_path / "link.yml"
+    link.symlink_to(real)
+    assert write_atomic(link, "new\n") is True
+    assert link.is_symlink()
+    assert real.read_text() == "new\n"
+
+
+@pytest.mark.parametrize("failing", ["replace", "fsync"])
+def test_no_temp_file_left_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text("old\n")
+
+    def boom(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomicfile.os, failing, boom)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(path, "new\n")
+    monkeypatch.undo()
+    assert path.read_text() == "old\n"
+    assert os.listdir(tmp_path) == ["config.yml"]
+
+
+def test_remove_file(tmp_path: Path) -> None:
+    path = tmp_path / "50-llm-router.conf"
+    path.write_text("x")
+    assert remove_file(path) is True
+    assert not path.exists()
+    assert remove_file(path) is False
