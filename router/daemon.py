@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +22,20 @@ from router.systemd import Systemd, SystemdError, bus_address
 log = structlog.get_logger("router.daemon")
 
 SHUTDOWN_GRACE = 30.0  # seconds in-flight streams may take to finish on SIGTERM
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, minus its signal handling: it re-raises SIGTERM after shutting down, which
+    would end the process before the router has closed its D-Bus connection and said so."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _stop(server: uvicorn.Server) -> None:
+    log.info("stopping", grace=SHUTDOWN_GRACE)
+    server.should_exit = True
 
 
 def make_http() -> httpx.AsyncClient:
@@ -50,12 +66,14 @@ async def serve(config_dir: Path) -> int:
         await http.aclose()
         return 3
     app = create_app(switcher, http)
-    server = uvicorn.Server(uvicorn.Config(
+    server = _Server(uvicorn.Config(
         app, host=config.listen.host, port=config.listen.port, loop="none", http="httptools",
         lifespan="off", log_level="warning", access_log=False, timeout_graceful_shutdown=SHUTDOWN_GRACE,
         timeout_keep_alive=75))
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload(switcher, config_dir)))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _stop, server)
     serving = asyncio.create_task(server.serve())
     while not server.started and not serving.done():
         await asyncio.sleep(0.01)

@@ -166,8 +166,9 @@ class Relay:
                                    "backend_error")
                 yield DONE
                 return
+            tap = StreamTap(writer, stats=config.stats, client_usage=call.client_usage, rewrite_id=True,
+                            drop_role=writer.role_sent)
             writer.role_sent = True
-            tap = StreamTap(writer, stats=config.stats, client_usage=call.client_usage, rewrite_id=True)
             piped = True  # from here _pipe reports the end of the response
             async with contextlib.aclosing(self._pipe(call, resp, tap)) as pipe:
                 async for piece in pipe:

@@ -18,17 +18,22 @@ from router.chunks import ChunkWriter, stats_line
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _ID = re.compile(rb'"id"\s*:\s*"([^"\\]*)"')
 _DONE = b"data: [DONE]"
+_ROLE = b'"role"'
 
 
 class StreamTap:
     """Per-response state of the relay: event framing, id rewrite, usage and the stats chunk."""
 
     def __init__(self, writer: ChunkWriter, *, stats: bool, client_usage: bool, rewrite_id: bool,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 drop_role: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+        """rewrite_id: give the engine's chunks the writer's id (the router spoke first, with its id);
+        otherwise the router's own chunks take the engine's id. drop_role: the router's chunks already
+        said `role: assistant`, so the engine's first delta loses its role."""
         self.writer = writer
         self.stats = stats
         self.client_usage = client_usage
         self.rewrite_id = rewrite_id
+        self.drop_role = drop_role
         self.clock = clock
         self._pending = b""
         self._id_from: bytes | None = None
@@ -50,8 +55,12 @@ class StreamTap:
             self._pending = buf
             return b""
         head, self._pending = buf[: cut + 2], buf[cut + 2:]
-        if self.rewrite_id:
-            head = self._rewrite(head)
+        if self._id_from is None:
+            self._learn_id(head)
+        if self.rewrite_id and self._id_from is not None:
+            head = head.replace(self._id_from, self._id_to)
+        if self.drop_role:
+            head = self._without_role(head)
         if not self.stats:
             return head
         self._events += head.count(b"data:")
@@ -64,13 +73,30 @@ class StreamTap:
         rest, self._pending = self._pending, b""
         return rest
 
-    def _rewrite(self, head: bytes) -> bytes:
-        if self._id_from is None:
-            m = _ID.search(head)
-            if m is None:
-                return head
+    def _learn_id(self, head: bytes) -> None:
+        m = _ID.search(head)
+        if m is not None:
             self._id_from = m.group(0)
-        return head.replace(self._id_from, self._id_to)
+            if not self.rewrite_id:
+                self.writer.id = m.group(1).decode("utf-8", "replace")
+
+    def _without_role(self, head: bytes) -> bytes:
+        """Remove `role` from the first delta that has one (once per response; it is parsed)."""
+        if _ROLE not in head:
+            return head
+        out = []
+        for event in head.split(b"\n\n")[:-1]:
+            if self.drop_role and _ROLE in event and event.startswith(b"data: {"):
+                try:
+                    obj = json.loads(event[6:])
+                    for choice in obj.get("choices") or []:
+                        if isinstance(choice.get("delta"), dict) and choice["delta"].pop("role", None):
+                            self.drop_role = False
+                    event = b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+                except (ValueError, AttributeError):
+                    pass
+            out.append(event + b"\n\n")
+        return b"".join(out)
 
     def _slow(self, head: bytes) -> bytes:
         out = []

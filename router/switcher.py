@@ -314,7 +314,8 @@ class Switcher:
         await self.systemd.reload()
         if plan.dropin is not None and model.command is not None:
             argv = await self.systemd.exec_start(unit)
-            if argv != [list(model.command)]:
+            # systemd keeps "$$" in the parsed argv and turns it into "$" only when it runs the command
+            if argv != [[arg.replace("$", "$$") for arg in model.command]]:
                 return LoadFailure(model.id, unit,
                                    f"after the reload systemd would run {argv} instead of {list(model.command)}.",
                                    f"Another drop-in overrides ExecStart=: see `systemctl cat {unit}`.")

@@ -121,3 +121,15 @@ def test_own_lines_are_stripped_from_history_and_nothing_else():
     assert messages[1]["content"] == "The answer is 42.\n⏳ not ours"
     assert messages[2]["content"][0]["text"] == "ok"
     assert strip_history(messages) is False
+
+
+def test_direct_stream_stats_chunk_takes_the_engine_id():
+    tap = StreamTap(ChunkWriter("m"), stats=True, client_usage=False, rewrite_id=False, clock=Clock())
+    assert {e["id"] for e in events(run(tap, [STREAM])) if isinstance(e, dict)} == {"up-1"}
+
+
+def test_role_is_dropped_from_the_engine_when_the_router_already_sent_it():
+    tap = StreamTap(ChunkWriter("m"), stats=False, client_usage=False, rewrite_id=True, drop_role=True)
+    evs = [e for e in events(run(tap, [STREAM[:40], STREAM[40:]])) if isinstance(e, dict)]
+    assert evs[0]["choices"][0]["delta"] == {"content": ""}
+    assert sum("role" in json.dumps(e) for e in evs) == 0 and len(evs) == 8
