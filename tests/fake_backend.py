@@ -1,0 +1,364 @@
+#!/usr/bin/env python3
+"""A fake OpenAI-compatible inference engine that tests run as a systemd unit's ExecStart.
+
+Standard library only (plus PyYAML for --config), so it starts in a few tens of milliseconds.
+Every answer names the model the process was started with ("I am X. token1 token2 ..."), so a
+test can prove which model answered. Knobs simulate slow loads, engines that never get healthy,
+start-up failures, crashes mid-stream, slow token rates and engines that report no usage.
+
+Usage: fake_backend.py --port 8085 [--host 127.0.0.1] [--model-id X | --config tabby.yml]
+       [--load-delay S] [--never-healthy] [--exit-code N] [--exit-after S]
+       [--crash-mid-stream K] [--tokens N] [--token-rate R] [--record FILE] [--no-usage]
+       [--note WORD]...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from typing import Any
+
+PROG = "fake_backend"
+
+
+def log(msg: str) -> None:
+    """One line on stdout, unbuffered (the journal sees it at once)."""
+    print(f"{PROG}: {msg}", flush=True)
+
+
+def err(msg: str) -> None:
+    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=PROG, description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8085)
+    ap.add_argument("--model-id", default="fake-model", help="the model this process 'loaded'")
+    ap.add_argument("--config", default=None,
+                    help="TabbyAPI-style YAML file: the model id is its model.model_name")
+    ap.add_argument("--load-delay", type=float, default=0.0, help="seconds of /health 503 after start")
+    ap.add_argument("--never-healthy", action="store_true", help="/health stays 503 forever")
+    ap.add_argument("--exit-code", type=int, default=None,
+                    help="exit with this code: at once, or after --exit-after seconds")
+    ap.add_argument("--exit-after", type=float, default=None,
+                    help="serve, then exit after S seconds (code --exit-code, default 1)")
+    ap.add_argument("--crash-mid-stream", type=int, default=None, metavar="K",
+                    help="die abruptly after sending K token chunks of a streamed answer")
+    ap.add_argument("--tokens", type=int, default=8, help="completion tokens per answer")
+    ap.add_argument("--token-rate", type=float, default=0.0, help="tokens/s (0 = as fast as possible)")
+    ap.add_argument("--record", default=None, help="append each request as one JSON line to FILE")
+    ap.add_argument("--no-usage", action="store_true", help="never report usage")
+    ap.add_argument("--note", action="append", default=[],
+                    help="ignored; logged at start (tests put awkward argv words here)")
+    return ap.parse_args(argv)
+
+
+def model_from_config(path: str) -> str:
+    import yaml  # only needed for --config
+
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    name = (data.get("model") or {}).get("model_name")
+    if not name:
+        raise ValueError(f"{path}: no model.model_name")
+    return str(name)
+
+
+def answer_tokens(model_id: str, n: int) -> list[str]:
+    """The n token strings of an answer; the first one names the model."""
+    toks = [f"I am {model_id}."]
+    toks += [f" token{i}" for i in range(1, max(n, 1))]
+    return toks
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    """A rough word count of the prompt (it only has to be deterministic)."""
+    text = ""
+    if isinstance(body.get("messages"), list):
+        for m in body["messages"]:
+            c = m.get("content") if isinstance(m, dict) else None
+            if isinstance(c, str):
+                text += " " + c
+            elif isinstance(c, list):
+                text += " ".join(p.get("text", "") for p in c if isinstance(p, dict))
+    elif isinstance(body.get("prompt"), str):
+        text = body["prompt"]
+    return max(1, len(text.split()))
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+           413: "Payload Too Large", 503: "Service Unavailable"}
+
+
+class FakeBackend:
+    def __init__(self, args: argparse.Namespace, model_id: str) -> None:
+        self.args = args
+        self.model_id = model_id
+        self.t0 = time.monotonic()
+        self.requests = 0
+
+    # --- state -------------------------------------------------------------------------------
+    def healthy(self) -> bool:
+        if self.args.never_healthy:
+            return False
+        return time.monotonic() - self.t0 >= self.args.load_delay
+
+    def record(self, path: str, body: Any) -> None:
+        if not self.args.record:
+            return
+        line = json.dumps({"path": path, "model_id": self.model_id, "body": body}, ensure_ascii=False)
+        with open(self.args.record, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    # --- HTTP plumbing -----------------------------------------------------------------------
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                lines = head.decode("latin-1").split("\r\n")
+                parts = lines[0].split(" ")
+                if len(parts) != 3:
+                    return
+                method, target, version = parts
+                headers: dict[str, str] = {}
+                for h in lines[1:]:
+                    if ":" in h:
+                        k, v = h.split(":", 1)
+                        headers[k.strip().lower()] = v.strip()
+                raw = await self.read_body(reader, headers)
+                keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+                path = target.split("?", 1)[0]
+                await self.route(method, path, raw, writer, keep)
+                if not keep:
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            with contextlib.suppress(Exception):  # the peer may be gone already
+                writer.close()
+
+    async def read_body(self, reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            out = bytearray()
+            while True:
+                size_line = await reader.readuntil(b"\r\n")
+                size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                        pass
+                    return bytes(out)
+                out += await reader.readexactly(size)
+                await reader.readexactly(2)
+        n = int(headers.get("content-length", "0") or "0")
+        return await reader.readexactly(n) if n else b""
+
+    @staticmethod
+    async def send(writer: asyncio.StreamWriter, status: int, obj: Any, keep: bool) -> None:
+        data = json.dumps(obj, ensure_ascii=False).encode()
+        head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
+                "Content-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\n"
+                f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n")
+        writer.write(head.encode() + data)
+        await writer.drain()
+
+    @staticmethod
+    async def start_stream(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+
+    @staticmethod
+    async def send_chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
+        writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        await writer.drain()
+
+    @staticmethod
+    async def end_stream(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    @staticmethod
+    def error_body(status: int, message: str) -> dict[str, Any]:
+        kind = "unavailable_error" if status == 503 else "invalid_request_error"
+        return {"error": {"code": status, "message": message, "type": kind}}
+
+    # --- endpoints ---------------------------------------------------------------------------
+    async def route(self, method: str, path: str, raw: bytes, writer: asyncio.StreamWriter,
+                    keep: bool) -> None:
+        self.requests += 1
+        if path == "/health":
+            if self.healthy():
+                await self.send(writer, 200, {"status": "ok", "model": self.model_id}, keep)
+            else:
+                await self.send(writer, 503, self.error_body(503, "Loading model"), keep)
+            return
+        if path == "/v1/models":
+            await self.send(writer, 200, {"object": "list", "data": [
+                {"id": self.model_id, "object": "model", "created": 0, "owned_by": PROG}]}, keep)
+            return
+        if path not in ("/v1/chat/completions", "/v1/completions"):
+            await self.send(writer, 404, self.error_body(404, f"no route {path}"), keep)
+            return
+        if method != "POST":
+            await self.send(writer, 405, self.error_body(405, "use POST"), keep)
+            return
+        try:
+            body = json.loads(raw)
+            if not isinstance(body, dict):
+                raise ValueError("body is not a JSON object")
+        except ValueError as exc:
+            await self.send(writer, 400, self.error_body(400, f"parse error: {exc}"), keep)
+            return
+        self.record(path, body)
+        if not self.healthy():
+            await self.send(writer, 503, self.error_body(503, "Loading model"), keep)
+            return
+        chat = path == "/v1/chat/completions"
+        if chat and not isinstance(body.get("messages"), list):
+            await self.send(writer, 400, self.error_body(400, "'messages' is required"), keep)
+            return
+        if not chat and "prompt" not in body:
+            await self.send(writer, 400, self.error_body(400, "'prompt' is required"), keep)
+            return
+        n = self.args.tokens
+        if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 0:
+            n = min(n, body["max_tokens"])
+        finish = "length" if n < self.args.tokens else "stop"
+        toks = answer_tokens(self.model_id, n)
+        usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": len(toks),
+                 "total_tokens": prompt_tokens(body) + len(toks)}
+        if body.get("stream"):
+            await self.stream(writer, body, chat, toks, usage, finish)
+        else:
+            await self.complete(writer, body, chat, toks, usage, finish, keep)
+
+    async def pace(self) -> None:
+        if self.args.token_rate > 0:
+            await asyncio.sleep(1.0 / self.args.token_rate)
+
+    async def complete(self, writer: asyncio.StreamWriter, body: dict[str, Any], chat: bool,
+                       toks: list[str], usage: dict[str, int], finish: str, keep: bool) -> None:
+        for _ in toks:
+            await self.pace()
+        text = "".join(toks)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-fake-{uuid.uuid4().hex[:12]}"
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        out: dict[str, Any] = {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                               "created": int(time.time()), "model": body.get("model", self.model_id),
+                               "choices": [choice]}
+        if not self.args.no_usage:
+            out["usage"] = usage
+        await self.send(writer, 200, out, keep)
+
+    async def stream(self, writer: asyncio.StreamWriter, body: dict[str, Any], chat: bool,
+                     toks: list[str], usage: dict[str, int], finish: str) -> None:
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-fake-{uuid.uuid4().hex[:12]}"
+        base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": body.get("model", self.model_id)}
+
+        def event(choice: dict[str, Any] | None, **extra: Any) -> bytes:
+            obj = dict(base, choices=[choice] if choice else [], **extra)
+            return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+        def token_choice(text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+            if chat:
+                delta: dict[str, Any] = {}
+                if role:
+                    delta["role"] = "assistant"
+                if text is not None:
+                    delta["content"] = text
+                return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+
+        await self.start_stream(writer)
+        if chat:
+            await self.send_chunk(writer, event(token_choice("", None, role=True)))
+        for i, tok in enumerate(toks):
+            if self.args.crash_mid_stream is not None and i >= self.args.crash_mid_stream:
+                err(f"crashing mid-stream after {i} chunks (--crash-mid-stream)")
+                os._exit(3)
+            await self.pace()
+            await self.send_chunk(writer, event(token_choice(tok, None)))
+        await self.send_chunk(writer, event(token_choice(None if chat else "", finish)))
+        opts = body.get("stream_options")
+        if isinstance(opts, dict) and opts.get("include_usage") and not self.args.no_usage:
+            await self.send_chunk(writer, event(None, usage=usage))
+        await self.send_chunk(writer, b"data: [DONE]\n\n")
+        await self.end_stream(writer)
+
+
+async def amain(args: argparse.Namespace, model_id: str) -> int:
+    fake = FakeBackend(args, model_id)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[int] = loop.create_future()
+
+    def finish(code: int, why: str) -> None:
+        if not done.done():
+            log(why)
+            done.set_result(code)
+
+    loop.add_signal_handler(signal.SIGTERM, finish, 0, "SIGTERM, exiting")
+    loop.add_signal_handler(signal.SIGINT, finish, 0, "SIGINT, exiting")
+    try:
+        server = await asyncio.start_server(fake.handle, args.host, args.port, reuse_address=True)
+    except OSError as exc:
+        err(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+        return 1
+    log(f"ready on http://{args.host}:{args.port} (model {model_id}, pid {os.getpid()})")
+    if args.load_delay > 0 and not args.never_healthy:
+        loop.call_later(args.load_delay, log, f"{model_id} loaded after {args.load_delay}s")
+    if args.exit_after is not None:
+        code = 1 if args.exit_code is None else args.exit_code
+        loop.call_later(args.exit_after, lambda: (err(f"{model_id}: exiting with code {code} "
+                                                      f"(--exit-after {args.exit_after})"),
+                                                  finish(code, "exit")))
+    code = await done
+    server.close()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    model_id = args.model_id
+    if args.config:
+        try:
+            model_id = model_from_config(args.config)
+        except (OSError, ValueError) as exc:
+            err(f"cannot read model from config: {exc}")
+            return 2
+    log(f"loading weights for {model_id}")
+    for note in args.note:
+        log(f"note: {note!r}")
+    if args.exit_code is not None and args.exit_after is None:
+        err(f"cannot load weights for {model_id}")
+        err(f"fatal: giving up (exit code {args.exit_code})")
+        return args.exit_code
+    code = asyncio.run(amain(args, model_id))
+    sys.stdout.flush()
+    os._exit(code)  # don't wait for open keep-alive connections
+
+
+if __name__ == "__main__":
+    sys.exit(main())

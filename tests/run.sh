@@ -1,0 +1,67 @@
+#!/bin/bash
+# tests/run.sh - THE test command (README and CI): set up what is missing, lint, run the whole suite.
+#
+#   bash tests/run.sh [PYTEST ARGS...]        e.g. bash tests/run.sh -k switching -x
+#
+# On a fresh Debian 12 machine (as root) it:
+#   1. installs the Debian packages the project and its integration tests need, only those missing
+#      (python3-venv, python3-gi, systemd, dbus-user-session, ...; `apt-get update` first);
+#   2. creates .venv with `/usr/bin/python3 -m venv --system-site-packages` if it does not exist
+#      (pydbus needs Debian's python3-gi from the system site-packages);
+#   3. runs `pip install -e '.[test,demo]'` unless .venv already has this pyproject.toml installed;
+#   4. runs `ruff check`, then `python -m pytest -q "$@"`.
+# Exits non-zero on any failure. Not root: step 1 is skipped, and the integration tests (which need
+# a private systemd user manager in a mount namespace) are skipped by pytest with the reason.
+# Environment: LLM_ROUTER_TEST_TIMEOUT (s, default 840) bounds the pytest run as a whole;
+# LLM_ROUTER_REQUIRE_SANDBOX=1 turns "skipped: cannot run the systemd sandbox" into a failure.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+REPO=$(pwd -P)
+VENV=$REPO/.venv
+STAMP=$VENV/.llm-router-installed
+say() { echo "tests/run.sh: $*" >&2; }
+
+# --- 1. Debian packages --------------------------------------------------------------------------
+DEB_PACKAGES=(python3 python3-venv python3-gi systemd dbus dbus-user-session util-linux)
+missing=()
+if command -v dpkg-query >/dev/null 2>&1; then
+    for p in "${DEB_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        say "installing missing Debian packages: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -q
+        apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
+    else
+        say "missing Debian packages (install them as root): ${missing[*]}"
+    fi
+fi
+# journald and the sandboxed manager need a machine id; minimal containers may ship none
+if [ "$(id -u)" = 0 ] && [ ! -e /etc/machine-id ] && command -v systemd-machine-id-setup >/dev/null 2>&1; then
+    say "no /etc/machine-id: creating one"
+    systemd-machine-id-setup >/dev/null
+fi
+
+# --- 2. virtualenv -------------------------------------------------------------------------------
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating $VENV"
+    /usr/bin/python3 -m venv --system-site-packages "$VENV"
+fi
+PY=$VENV/bin/python
+
+# --- 3. the project, editable, with its test and demo extras ---------------------------------------
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$want" ] || ! "$PY" -c 'import router' 2>/dev/null; then
+    say "pip install -e '.[test,demo]'"
+    "$PY" -m pip install -q --disable-pip-version-check -e '.[test,demo]' </dev/null
+    echo "$want" > "$STAMP"
+fi
+# --- 4. lint, then the suite ------------------------------------------------------------------------
+say "ruff check"
+"$VENV/bin/ruff" check .
+say "pytest"
+exec timeout --kill-after=30 "${LLM_ROUTER_TEST_TIMEOUT:-840}" "$PY" -m pytest -q "$@"
