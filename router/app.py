@@ -18,7 +18,7 @@ from starlette.routing import Route
 from router import gpu
 from router.chunks import error_body, strip_history
 from router.proxy import Call, Relay, upstream_headers
-from router.switcher import Failed, Granted, Status, Switcher
+from router.switcher import Failed, Granted, Status, Switcher, Unloaded
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -188,7 +188,7 @@ class Api:
             while isinstance(update, Status):
                 update = await self.switcher.next_update(ticket)
         finally:
-            self.switcher.done(ticket, granted=isinstance(update, Granted))
+            self.switcher.done(ticket, granted=isinstance(update, Unloaded))
         if isinstance(update, Failed):
             return JSONResponse(error_body(update.message, update.error.code, "server_error"), status_code=503)
         return JSONResponse({"unloaded": before})

@@ -108,6 +108,14 @@ class Config:
     def warmup_of(self, model: Model) -> float:
         return model.warmup if model.warmup is not None else self.backends[model.backend].warmup
 
+    def systemctl(self, verb: str, unit: str) -> str:
+        """The systemctl command line an operator runs for this unit on this bus (for messages)."""
+        return f"systemctl {'--user ' if self.systemd.bus == 'user' else ''}{verb} {unit}"
+
+    def journalctl(self, unit: str) -> str:
+        """The journalctl command line that shows this unit's log on this bus (for messages)."""
+        return f"journalctl --user-unit={unit}" if self.systemd.bus == "user" else f"journalctl -u {unit}"
+
     def managed_units(self) -> list[str]:
         """Every unit the router may start or stop, in a stable order."""
         units = [b.unit for b in self.backends.values()] + [m.unit for m in self.models.values() if m.unit]

@@ -7,14 +7,20 @@ import json
 import os
 
 
-def journal_command(invocation_id: str, lines: int) -> list[str]:
-    """journalctl arguments for the unit's own output and the manager's lines about this invocation."""
-    return [
-        "journalctl", "--no-pager", "-o", "json", "-n", str(lines),
-        f"_SYSTEMD_INVOCATION_ID={invocation_id}", "+",
-        f"INVOCATION_ID={invocation_id}", "+",
-        f"USER_INVOCATION_ID={invocation_id}",
-    ]
+def journal_command(invocation_id: str, lines: int, pid: int = 0, since_us: int = 0) -> list[str]:
+    """journalctl arguments for the unit's own output and the manager's lines about this invocation.
+
+    A process that prints and exits within milliseconds may be gone before journald reads its
+    cgroup, so its lines lack _SYSTEMD_INVOCATION_ID: they are matched by its PID since its start.
+    """
+    cmd = ["journalctl", "--no-pager", "-o", "json", "-n", str(lines)]
+    if pid and since_us:
+        cmd.append(f"--since=@{since_us // 1_000_000}")
+    cmd += [f"_SYSTEMD_INVOCATION_ID={invocation_id}", "+", f"INVOCATION_ID={invocation_id}", "+",
+            f"USER_INVOCATION_ID={invocation_id}"]
+    if pid and since_us:
+        cmd += ["+", f"_PID={pid}"]
+    return cmd
 
 
 def format_entries(output: str) -> list[str]:
@@ -45,7 +51,8 @@ async def _run(cmd: list[str], timeout: float) -> str:
     return out.decode("utf-8", "replace")
 
 
-async def tail(invocation_id: str, lines: int = 15, timeout: float = 5.0) -> list[str]:
+async def tail(invocation_id: str, lines: int = 15, timeout: float = 5.0, pid: int = 0,
+               since_us: int = 0) -> list[str]:
     """The last `lines` journal lines of one invocation; [] when the journal cannot be read."""
     if not invocation_id:
         return []
@@ -55,7 +62,7 @@ async def tail(invocation_id: str, lines: int = 15, timeout: float = 5.0) -> lis
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 1.0
         while True:
-            entries = format_entries(await _run(journal_command(invocation_id, lines), timeout))
+            entries = format_entries(await _run(journal_command(invocation_id, lines, pid, since_us), timeout))
             if entries or loop.time() > deadline:
                 return entries
             await asyncio.sleep(0.1)  # unprivileged: journald writes out on its own, soon

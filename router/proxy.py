@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from router.chunks import DONE, KEEPALIVE, ChunkWriter, error_body, failed_line, ready_line
-from router.config import Backend, Model
+from router.config import Backend, Config, Model
 from router.scheduler import Ticket
 from router.streamtap import StreamTap
 from router.switcher import Failed, Granted, Status, Switcher, Update
@@ -86,7 +86,7 @@ class Relay:
             resp = await self._open(call, granted.backend)
         except httpx.HTTPError as e:
             self._finish(call, granted=True, status=502)
-            return JSONResponse(unreachable(granted.model, granted.backend, e), status_code=502)
+            return JSONResponse(unreachable(self.switcher.config, granted.model, granted.backend, e), status_code=502)
         call.status = resp.status_code
         tap = None
         if call.stream and resp.status_code == 200 and self.switcher.config.stats:
@@ -154,7 +154,7 @@ class Relay:
                 resp = await self._open(call, update.backend)
             except httpx.HTTPError as e:
                 call.status = 502
-                body = unreachable(update.model, update.backend, e)["error"]
+                body = unreachable(config, update.model, update.backend, e)["error"]
                 yield writer.error(body["message"], body["code"])
                 yield DONE
                 return
@@ -200,8 +200,8 @@ class Relay:
                  **(call.summary or {}))
 
 
-def unreachable(model: Model, backend: Backend, error: Exception) -> dict[str, Any]:
+def unreachable(config: Config, model: Model, backend: Backend, error: Exception) -> dict[str, Any]:
     return error_body(
         f"{model.id}: the backend at {backend.url} (unit {backend.unit}) did not answer: {error}. "
-        f"Check `systemctl status {backend.unit}` and `journalctl -u {backend.unit}`.",
+        f"Check `{config.systemctl('status', backend.unit)}` and `{config.journalctl(backend.unit)}`.",
         "backend_unreachable", "server_error")

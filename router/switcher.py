@@ -46,6 +46,11 @@ class Granted:
 
 
 @dataclass(frozen=True)
+class Unloaded:
+    """An unload request went through: no model is loaded now."""
+
+
+@dataclass(frozen=True)
 class Failed:
     error: LoadFailure
     display: str
@@ -55,7 +60,7 @@ class Failed:
         return self.error.message(self.display)
 
 
-Update = Status | Granted | Failed
+Update = Status | Granted | Unloaded | Failed
 
 
 @dataclass
@@ -184,7 +189,7 @@ class Switcher:
 
     def grant(self, ticket: Ticket) -> None:
         if ticket.model is None:
-            self._send(ticket, Granted(Model(id="", backend=""), Backend(name="", unit="", url=""), None))
+            self._send(ticket, Unloaded())
             return
         model = self.config.models[ticket.model]
         took = None
@@ -259,7 +264,7 @@ class Switcher:
             state = await self.systemd.state(unit)
             if state.is_running or result not in ("done", "canceled"):
                 return LoadFailure(target, unit, f"did not stop (job {result}, state {state.active_state}).",
-                                   f"Check `journalctl -u {unit}`; the unit may need a shorter TimeoutStopSec.")
+                                   f"Check `{config.journalctl(unit)}`; the unit may need a shorter TimeoutStopSec.")
         if plan.target is None:
             return None
         model = config.models[plan.target]
@@ -318,7 +323,7 @@ class Switcher:
             if argv != [[arg.replace("$", "$$") for arg in model.command]]:
                 return LoadFailure(model.id, unit,
                                    f"after the reload systemd would run {argv} instead of {list(model.command)}.",
-                                   f"Another drop-in overrides ExecStart=: see `systemctl cat {unit}`.")
+                                   f"Another drop-in overrides ExecStart=: see `{config.systemctl('cat', unit)}`.")
         return None
 
     async def _wait_healthy(self, model: Model, backend: Backend, unit: str, config: Config,
@@ -345,7 +350,8 @@ class Switcher:
                 await asyncio.wait_for(self._unit_changed.wait(),
                                        min(config.switch.health_interval, max(deadline - time.monotonic(), 0)))
         state = await self.systemd.state(unit)
-        lines = await journal.tail(state.invocation_id)
+        lines = await journal.tail(state.invocation_id, pid=state.exec_main_pid,
+                                    since_us=state.exec_main_start_us)
         self._phase(run, "stopping", unit=unit, reason="load_timeout")
         await self.systemd.stop(unit, config.switch.stop_timeout + 5)
         return LoadFailure(model.id, unit,
@@ -356,9 +362,10 @@ class Switcher:
     async def _unit_failure(self, model: Model, unit: str, what: str,
                             state: UnitState | None = None) -> LoadFailure:
         state = state or await self.systemd.state(unit)
-        lines = await journal.tail(state.invocation_id)
+        lines = await journal.tail(state.invocation_id, pid=state.exec_main_pid,
+                                    since_us=state.exec_main_start_us)
         return LoadFailure(model.id, unit, f"{what}.",
-                           f"Fix the model's command in models.yml or the backend; `journalctl -u {unit}` "
+                           f"Fix the model's command in models.yml or the backend; `{self.config.journalctl(unit)}` "
                            "has the whole log.", tuple(lines))
 
     def _on_unit_change(self, unit: str) -> None:

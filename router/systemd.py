@@ -40,6 +40,8 @@ class UnitState:
     result: str = "success"
     invocation_id: str = ""
     main_pid: int = 0
+    exec_main_pid: int = 0  # the main process of the last run, also after it exited
+    exec_main_start_us: int = 0  # when it started, µs since the epoch (0: never)
     exec_main_status: int = 0
 
     @property
@@ -193,6 +195,8 @@ class Systemd:
             result=svc.get("Result", "success"),
             invocation_id=bytes(props.get("InvocationID", b"")).hex(),
             main_pid=int(svc.get("MainPID", 0)),
+            exec_main_pid=int(svc.get("ExecMainPID", 0)),
+            exec_main_start_us=int(svc.get("ExecMainStartTimestamp", 0)),
             exec_main_status=int(svc.get("ExecMainStatus", 0)),
         )
 
