@@ -331,6 +331,7 @@ class Switcher:
         url = backend.url + backend.health
         timeout = config.load_timeout_of(model)
         deadline = (run.load_started or time.monotonic()) + timeout
+        polls = 0
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -346,9 +347,11 @@ class Switcher:
                 return await self._unit_failure(model, unit, f"exited while loading ({describe(state)})",
                                                 state)
             self._unit_changed.clear()
+            # poll fast at first (small engines are up in tens of ms), then every health_interval
+            pause = min(config.switch.health_interval, 0.02 * 2 ** polls, max(deadline - time.monotonic(), 0))
+            polls += 1
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._unit_changed.wait(),
-                                       min(config.switch.health_interval, max(deadline - time.monotonic(), 0)))
+                await asyncio.wait_for(self._unit_changed.wait(), pause)
         state = await self.systemd.state(unit)
         lines = await journal.tail(state.invocation_id, pid=state.exec_main_pid,
                                     since_us=state.exec_main_start_us)
