@@ -71,34 +71,38 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
+class _DaemonError(Exception):
+    """The daemon could not be reached or refused the request; `code` is the exit status."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+def _call(args: argparse.Namespace, method: str, path: str) -> Any:
+    """One request to the daemon; its JSON body, or _DaemonError after saying what went wrong."""
     import httpx
 
     try:
         with _client(args) as client:
-            r = client.get("/v1/models")
+            r = client.request(method, path)
     except httpx.HTTPError as e:
-        return _unreachable(args, e)
+        raise _DaemonError(_unreachable(args, e)) from e
+    body = r.json()
     if r.status_code != 200:
-        print(f"llm-router: {_error_text(r.json())}", file=sys.stderr)
-        return 1
-    rows = [(m["id"], m.get("backend", ""), m.get("unit", ""), m.get("state", "")) for m in r.json()["data"]]
+        print(f"llm-router: {_error_text(body)}", file=sys.stderr)
+        raise _DaemonError(1)
+    return body
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    data = _call(args, "GET", "/v1/models")["data"]
+    rows = [(m["id"], m.get("backend", ""), m.get("unit", ""), m.get("state", "")) for m in data]
     _table(("MODEL", "BACKEND", "UNIT", "STATE"), rows)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    import httpx
-
-    try:
-        with _client(args) as client:
-            r = client.get("/status")
-    except httpx.HTTPError as e:
-        return _unreachable(args, e)
-    status = r.json()
-    if r.status_code != 200:
-        print(f"llm-router: {_error_text(status)}", file=sys.stderr)
-        return 1
+    status = _call(args, "GET", "/status")
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -140,7 +144,7 @@ def cmd_switch(args: argparse.Namespace) -> int:
                     print(event["status"], flush=True)
                 elif event.get("done"):
                     took = event.get("took")
-                    print(f"✅ {args.model} is loaded" + (f" (took {took:.0f}s)" if took else " (already)"))
+                    print(f"✅ {args.model} is loaded" + (f" (took {took:.1f}s)" if took else " (already)"))
                     return 0
                 elif "error" in event:
                     print(f"❌ {_error_text(event)}", file=sys.stderr)
@@ -152,17 +156,7 @@ def cmd_switch(args: argparse.Namespace) -> int:
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
-    import httpx
-
-    try:
-        with _client(args) as client:
-            r = client.post("/admin/unload")
-    except httpx.HTTPError as e:
-        return _unreachable(args, e)
-    if r.status_code != 200:
-        print(f"llm-router: {_error_text(r.json())}", file=sys.stderr)
-        return 1
-    units = r.json().get("unloaded", [])
+    units = _call(args, "POST", "/admin/unload").get("unloaded", [])
     print("stopped " + ", ".join(units) if units else "nothing was loaded")
     return 0
 
@@ -205,4 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.config_dir:
         args.config_dir = str(Path(args.config_dir))
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except _DaemonError as e:
+        return e.code

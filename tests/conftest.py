@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sandbox import SCRIPT, FakeUnit, RouterHandle, Sandbox, Units, free_port, sandbox_unavailable
+from sandbox import SCRIPT, FakeUnit, RouterHandle, Sandbox, Units, free_port, running_sandbox, sandbox_unavailable
 
 DEFAULT_TIMEOUT = 90  # seconds per test unless it sets its own @pytest.mark.timeout
 
@@ -59,15 +59,8 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
             pytest.fail(f"LLM_ROUTER_REQUIRE_SANDBOX is set but {reason}")
         pytest.skip(reason)
     subprocess.run([str(SCRIPT), "gc"], check=False, capture_output=True, timeout=60)
-    sbx = Sandbox(tmp_path_factory.mktemp("sbx"))
-    try:
-        sbx.start()
-    except subprocess.CalledProcessError as exc:
-        pytest.fail(f"systemd sandbox did not start: {exc.stderr}")
-    try:
+    with running_sandbox(tmp_path_factory.mktemp("sbx")) as sbx:
         yield sbx
-    finally:
-        sbx.stop()
 
 
 @pytest.fixture

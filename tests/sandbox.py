@@ -253,6 +253,22 @@ TEST_SWITCH = {
 }
 
 
+@contextlib.contextmanager
+def running_sandbox(directory: Path) -> Iterator[Sandbox]:
+    """A started sandbox, stopped on leaving; a failed start fails the test with the script's words."""
+    import pytest
+
+    sbx = Sandbox(directory)
+    try:
+        sbx.start()
+    except subprocess.CalledProcessError as exc:
+        pytest.fail(f"systemd sandbox did not start: {exc.stderr}")
+    try:
+        yield sbx
+    finally:
+        sbx.stop()
+
+
 def _slug(text: str, limit: int = 28) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", text)[:limit].strip("-") or "t"
 

@@ -28,7 +28,16 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from sandbox import REPO, Sandbox, fake_argv, free_port, sandbox_unavailable, stream_request, wait_until
+from sandbox import (
+    REPO,
+    Sandbox,
+    fake_argv,
+    free_port,
+    running_sandbox,
+    sandbox_unavailable,
+    stream_request,
+    wait_until,
+)
 
 from router import installer
 
@@ -37,8 +46,6 @@ DEV_VENV = Path(sys.prefix)  # the venv running pytest: it has llm-router (edita
 ARTIFACTS = Path(os.environ.get("LLM_ROUTER_TEST_ARTIFACTS", REPO / "build" / "test-artifacts"))
 INSTALL_TIMEOUT = 180
 
-# what PID 1 creates at boot and the sandbox's private /run lacks: systemd's sandboxing options mask
-# paths with these nodes (taken from install.sh, which does the same for the demo's private manager)
 
 
 def save(name: str, text: str) -> Path:
@@ -358,15 +365,8 @@ class UserInstall:
 def user_sbx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     """A private systemd user manager of this module's own (so 'nothing left behind' is exact)."""
     need_sandbox()
-    sbx = Sandbox(tmp_path_factory.mktemp("isbx"))
-    try:
-        sbx.start()
-    except subprocess.CalledProcessError as exc:
-        pytest.fail(f"systemd sandbox did not start: {exc.stderr}")
-    try:
+    with running_sandbox(tmp_path_factory.mktemp("isbx")) as sbx:
         yield sbx
-    finally:
-        sbx.stop()
 
 
 @pytest.fixture(scope="module")
