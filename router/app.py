@@ -18,7 +18,7 @@ from starlette.routing import Route
 from router import gpu
 from router.chunks import error_body, strip_history
 from router.proxy import Call, Relay, upstream_headers
-from router.switcher import Failed, Granted, Status, Switcher, Unloaded
+from router.switcher import Failed, Granted, Status, Switcher
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -107,7 +107,7 @@ class Api:
         try:
             return await self.relay.handle(request, call)
         except BaseException:
-            self.switcher.done(call.ticket, granted=False)
+            self.switcher.done(call.ticket)
             raise
 
     # --- router endpoints ---------------------------------------------------------------------
@@ -161,21 +161,19 @@ class Api:
         ticket = self.switcher.submit(model_id)
 
         async def lines() -> AsyncIterator[bytes]:
-            granted = False
             try:
                 while True:
                     update = await self.switcher.next_update(ticket)
                     if isinstance(update, Status):
                         yield _ndjson({"status": update.text})
                     elif isinstance(update, Granted):
-                        granted = True
                         yield _ndjson({"done": True, "model": model_id, "took": update.took})
                         return
                     elif isinstance(update, Failed):
                         yield _ndjson(error_body(update.message, update.error.code, "server_error"))
                         return
             finally:
-                self.switcher.done(ticket, granted)
+                self.switcher.done(ticket)
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
@@ -188,7 +186,7 @@ class Api:
             while isinstance(update, Status):
                 update = await self.switcher.next_update(ticket)
         finally:
-            self.switcher.done(ticket, granted=isinstance(update, Unloaded))
+            self.switcher.done(ticket)
         if isinstance(update, Failed):
             return JSONResponse(error_body(update.message, update.error.code, "server_error"), status_code=503)
         return JSONResponse({"unloaded": before})

@@ -85,7 +85,7 @@ class Relay:
         try:
             resp = await self._open(call, granted.backend)
         except httpx.HTTPError as e:
-            self._finish(call, granted=True, status=502)
+            self._finish(call, status=502)
             return JSONResponse(unreachable(self.switcher.config, granted.model, granted.backend, e), status_code=502)
         call.status = resp.status_code
         tap = None
@@ -118,7 +118,7 @@ class Relay:
                 yield DONE
         finally:
             await resp.aclose()
-            self._finish(call, granted=True)
+            self._finish(call)
 
     # --- the model must be loaded first -------------------------------------------------------
 
@@ -126,7 +126,7 @@ class Relay:
         config = self.switcher.config
         completions = "chat" not in call.path
         writer = ChunkWriter(call.model_id, config.switch.status_channel, completions=completions)
-        granted = piped = False
+        piped = False
         try:
             update = first
             while True:
@@ -143,7 +143,6 @@ class Relay:
                     yield DONE
                     return
                 elif isinstance(update, Granted):
-                    granted = True
                     call.waited = time.monotonic() - call.started
                     if update.took is not None:
                         yield writer.status(ready_line(update.model.display_name, update.took), done=True)
@@ -175,26 +174,26 @@ class Relay:
                     yield piece
         finally:
             if not piped:
-                self._finish(call, granted=granted)
+                self._finish(call)
 
     async def _wait_quietly(self, request: Request, call: Call, first: Update | None) -> Response:
         update = first
         while not isinstance(update, (Granted, Failed)):
             update = await self.switcher.next_update(call.ticket, 1.0)
             if update is None and await request.is_disconnected():
-                self._finish(call, granted=False, status=499)
+                self._finish(call, status=499)
                 return Response(status_code=499)
         if isinstance(update, Failed):
-            self._finish(call, granted=False, status=503)
+            self._finish(call, status=503)
             return JSONResponse(error_body(update.message, update.error.code, "server_error", "model"),
                                 status_code=503)
         call.waited = time.monotonic() - call.started
         return await self._direct(call, update)
 
-    def _finish(self, call: Call, granted: bool, status: int | None = None) -> None:
+    def _finish(self, call: Call, status: int | None = None) -> None:
         if status is not None:
             call.status = status
-        self.switcher.done(call.ticket, granted)
+        self.switcher.done(call.ticket)
         log.info("request", path=call.path, model=call.model_id, stream=call.stream, status=call.status,
                  waited=round(call.waited, 3), duration=round(time.monotonic() - call.started, 3),
                  **(call.summary or {}))

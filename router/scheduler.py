@@ -23,6 +23,7 @@ class Ticket:
     model: str | None  # None: an unload request
     id: int = field(default_factory=itertools.count(1).__next__)
     told_switching: bool = False  # the "Switching to …" line was already sent to it
+    granted: bool = False  # decided by the scheduler: it holds its model until on_done
 
 
 @dataclass(frozen=True)
@@ -97,19 +98,22 @@ class Scheduler:
             self.effects.waiting(ticket, None)
             self._next()
 
-    def on_serve_done(self, ticket: Ticket) -> None:
-        if ticket.model is not None and self.serving[ticket.model] > 0:
-            self.serving[ticket.model] -= 1
-            if not self.serving[ticket.model]:
-                del self.serving[ticket.model]
-        self._next()
+    def on_done(self, ticket: Ticket) -> None:
+        """The request ended: its response finished, or its client went away before or after its grant.
 
-    def on_cancel(self, ticket: Ticket) -> None:
-        """The client went away before it was granted: forget it (a switch in flight goes on)."""
-        if ticket in self.queue:
-            self.queue.remove(ticket)
+        Whether it was granted is the scheduler's own record, not the handler's: a grant may be
+        decided here while the handler is being cancelled, and must still be released.
+        """
+        if ticket.granted:
+            if ticket.model is not None and self.serving[ticket.model] > 0:
+                self.serving[ticket.model] -= 1
+                if not self.serving[ticket.model]:
+                    del self.serving[ticket.model]
+        elif ticket in self.queue:
+            self.queue.remove(ticket)  # a switch in flight for it goes on
         elif self.switch is not None and ticket in self.switch.waiters:
             self.switch.waiters.remove(ticket)
+        self._next()
 
     def on_switch_done(self, error: LoadFailure | None, running: set[str]) -> None:
         switch, self.switch = self.switch, None
@@ -123,6 +127,7 @@ class Scheduler:
             self.active = None
             for ticket in switch.waiters:
                 if error is None:  # an unload that went well
+                    ticket.granted = True
                     self.effects.grant(ticket)
                 else:
                     self.effects.fail(ticket, error)
@@ -159,8 +164,9 @@ class Scheduler:
     # --- decisions ----------------------------------------------------------------------------
 
     def _grant(self, ticket: Ticket) -> None:
-        assert ticket.model is not None
-        self.serving[ticket.model] += 1
+        ticket.granted = True
+        if ticket.model is not None:
+            self.serving[ticket.model] += 1
         self.effects.grant(ticket)
 
     def _next(self) -> None:
@@ -176,8 +182,7 @@ class Scheduler:
             if self.serving:
                 return  # never switch away while a response is still streaming
             if head.model is None and self.active is None and not self.running:
-                self.queue.pop(0)
-                self.effects.grant(head)  # nothing to unload
+                self._grant(self.queue.pop(0))  # nothing to unload
                 continue
             plan = make_plan(self.config, head.model, self.running)
             self._start(plan, [t for t in self.queue if t.model == head.model])

@@ -153,11 +153,11 @@ class Switcher:
         except asyncio.TimeoutError:
             return None
 
-    def done(self, ticket: Ticket, granted: bool) -> None:
-        """The request ended: its response finished (granted) or its client went away (not granted)."""
+    def done(self, ticket: Ticket) -> None:
+        """The request ended, whatever way: its response finished, failed, or its client went away."""
         if self._inbox.pop(ticket.id, None) is None:
             return
-        self._post(self.scheduler.on_serve_done if granted else self.scheduler.on_cancel, ticket)
+        self._post(self.scheduler.on_done, ticket)
 
     def reload(self, config: Config) -> None:
         self._post(self.scheduler.on_config, config)

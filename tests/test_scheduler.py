@@ -90,9 +90,9 @@ def test_no_switch_away_while_a_response_streams_then_batches_by_model(sched):
     b1, a2, b2 = request(s, "b"), request(s, "a"), request(s, "b")
     assert rec.take("switch") == ["a"]  # b waits: a1 and a2 are streaming
     assert ("grant", a2.id) in rec.calls
-    s.on_serve_done(a1)
+    s.on_done(a1)
     assert rec.take("switch") == ["a"]
-    s.on_serve_done(a2)
+    s.on_done(a2)
     assert rec.take("switch") == ["a", "b"]
     s.on_switch_done(None, {"one.service"})
     assert rec.take("grant")[-2:] == [b1.id, b2.id]  # A B A B -> A A B B
@@ -113,7 +113,7 @@ def test_cancelled_waiter_is_forgotten(sched):
     s, rec = sched
     request(s, "a")
     b = request(s, "b")
-    s.on_cancel(b)
+    s.on_done(b)
     s.on_switch_done(None, {"one.service"})
     assert rec.take("switch") == ["a"] and s.queue == []
 
@@ -122,7 +122,7 @@ def test_unit_going_away_on_its_own_unloads_the_model(sched):
     s, rec = sched
     t = request(s, "a")
     s.on_switch_done(None, {"one.service"})
-    s.on_serve_done(t)
+    s.on_done(t)
     s.on_unit_state("one.service", "failed")
     assert s.active is None and s.running == set()
     request(s, "a")
@@ -135,7 +135,7 @@ def test_unload_waits_for_streams_then_stops_everything(sched):
     s.on_switch_done(None, {"one.service"})
     u = request(s, None)
     assert rec.take("switch") == ["a"]
-    s.on_serve_done(t)
+    s.on_done(t)
     assert rec.take("switch") == ["a", None]
     s.on_switch_done(None, set())
     assert rec.calls[-1] == ("grant", u.id) and s.active is None
@@ -160,7 +160,7 @@ def test_config_reload_keeps_an_unchanged_active_model_and_drops_a_changed_one(s
     s, _ = sched
     t = request(s, "a")
     s.on_switch_done(None, {"one.service"})
-    s.on_serve_done(t)
+    s.on_done(t)
     s.on_config(make_config())
     assert s.active == "a"
     changed = make_config()
@@ -187,3 +187,15 @@ def test_eviction_stops_every_running_managed_unit():
     assert plan == Plan(target="b", stop=("one.service",), start="one.service", dropin="one.service")
     dedicated = make_plan(cfg, "d", {"one.service"})
     assert dedicated.start == "d.service" and dedicated.dropin is None
+
+
+def test_a_grant_that_raced_a_client_leaving_is_still_released(sched):
+    """The handler may be cancelled after the scheduler granted it but before it read the grant."""
+    s, rec = sched
+    a = request(s, "a")
+    b = request(s, "b")
+    s.on_switch_done(None, {"one.service"})  # a granted (serving 1) while its client is leaving
+    s.on_done(a)
+    assert s.serving == {} and rec.take("switch") == ["a", "b"]
+    s.on_switch_done(None, {"one.service"})
+    assert rec.calls[-1] == ("grant", b.id)
