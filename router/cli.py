@@ -14,21 +14,20 @@ from router.config import ConfigError, load_config, resolve_config_dir
 
 
 def _daemon_url(args: argparse.Namespace) -> tuple[str, str | None]:
-    """The running daemon's URL and API key: --url/--api-key, else from the config files."""
-    key = args.api_key or os.environ.get("LLM_ROUTER_API_KEY")
-    if args.url:
-        return args.url.rstrip("/"), key
-    url = "http://127.0.0.1:8002"
+    """The daemon's URL and API key: --url / --api-key / $LLM_ROUTER_API_KEY, else from config.yml."""
+    url, key = "http://127.0.0.1:8002", None
     try:
         config = load_config(resolve_config_dir(args.config_dir))
         host = config.listen.host
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
         url = f"http://{'[' + host + ']' if ':' in host else host}:{config.listen.port}"
-        key = key or config.api_key
+        key = config.api_key
     except (ConfigError, OSError):
         pass  # the defaults will do; the request says if they don't
-    return url, key
+    if args.url:
+        url = args.url.rstrip("/")
+    return url, args.api_key or os.environ.get("LLM_ROUTER_API_KEY") or key
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -46,7 +45,12 @@ def _unreachable(args: argparse.Namespace, error: Exception) -> int:
     return 3
 
 
-def _error_text(body: Any) -> str:
+def _error_text(response: Any) -> str:
+    """What went wrong, from an answer of the daemon (or of whatever stands in front of it)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return f"HTTP {response.status_code}: {response.text[:300]}"
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         return str(body["error"].get("message"))
     return json.dumps(body)
@@ -87,11 +91,10 @@ def _call(args: argparse.Namespace, method: str, path: str) -> Any:
             r = client.request(method, path)
     except httpx.HTTPError as e:
         raise _DaemonError(_unreachable(args, e)) from e
-    body = r.json()
     if r.status_code != 200:
-        print(f"llm-router: {_error_text(body)}", file=sys.stderr)
+        print(f"llm-router: {_error_text(r)}", file=sys.stderr)
         raise _DaemonError(1)
-    return body
+    return r.json()
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -134,7 +137,7 @@ def cmd_switch(args: argparse.Namespace) -> int:
         with _client(args) as client, client.stream("POST", "/admin/load", json={"model": args.model}) as r:
             if r.status_code != 200:
                 r.read()
-                print(f"llm-router: {_error_text(r.json())}", file=sys.stderr)
+                print(f"llm-router: {_error_text(r)}", file=sys.stderr)
                 return 1
             for line in r.iter_lines():
                 if not line.strip():
@@ -147,7 +150,7 @@ def cmd_switch(args: argparse.Namespace) -> int:
                     print(f"✅ {args.model} is loaded" + (f" (took {took:.1f}s)" if took else " (already)"))
                     return 0
                 elif "error" in event:
-                    print(f"❌ {_error_text(event)}", file=sys.stderr)
+                    print(f"❌ {event['error'].get('message')}", file=sys.stderr)
                     return 1
     except httpx.HTTPError as e:
         return _unreachable(args, e)
