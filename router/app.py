@@ -67,6 +67,9 @@ class Api:
     async def completions(self, request: Request) -> Response:
         return await self._complete(request, "/v1/completions", "prompt")
 
+    async def embeddings(self, request: Request) -> Response:
+        return await self._complete(request, "/v1/embeddings", "input")
+
     async def _complete(self, request: Request, path: str, required: str) -> Response:
         config = self.switcher.config
         raw = await request.body()
@@ -81,15 +84,15 @@ class Api:
             return bad_request("The request has no `model`: name one of GET /v1/models.", "missing_field", "model")
         if required == "messages" and not isinstance(body.get("messages"), list):
             return bad_request("The request has no `messages` list.", "missing_field", "messages")
-        if required == "prompt" and "prompt" not in body:
-            return bad_request("The request has no `prompt`.", "missing_field", "prompt")
+        if required in ("prompt", "input") and required not in body:
+            return bad_request(f"The request has no `{required}`.", "missing_field", required)
         model = config.models.get(model_id)
         if model is None:
             known = ", ".join(config.models)
             return JSONResponse(error_body(f"The model `{model_id}` does not exist. Known models: {known}. "
                                            "Add it to models.yml to use it.", "model_not_found",
                                            "invalid_request_error", "model"), status_code=404)
-        stream = bool(body.get("stream"))
+        stream = bool(body.get("stream")) and required != "input"
         options = body.get("stream_options")
         client_usage = stream and isinstance(options, dict) and bool(options.get("include_usage"))
         changed = False
@@ -204,6 +207,7 @@ def create_app(switcher: Switcher, http: httpx.AsyncClient) -> Starlette:
         Route("/v1/models", g(api.models), methods=["GET"]),
         Route("/v1/chat/completions", g(api.chat), methods=["POST"]),
         Route("/v1/completions", g(api.completions), methods=["POST"]),
+        Route("/v1/embeddings", g(api.embeddings), methods=["POST"]),
         Route("/status", g(api.status), methods=["GET"]),
         Route("/admin/load", g(api.admin_load), methods=["POST"]),
         Route("/admin/unload", g(api.admin_unload), methods=["POST"]),

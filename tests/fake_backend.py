@@ -214,7 +214,7 @@ class FakeBackend:
             await self.send(writer, 200, {"object": "list", "data": [
                 {"id": self.model_id, "object": "model", "created": 0, "owned_by": PROG}]}, keep)
             return
-        if path not in ("/v1/chat/completions", "/v1/completions"):
+        if path not in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
             await self.send(writer, 404, self.error_body(404, f"no route {path}"), keep)
             return
         if method != "POST":
@@ -230,6 +230,9 @@ class FakeBackend:
         self.record(path, body)
         if not self.healthy():
             await self.send(writer, 503, self.error_body(503, "Loading model"), keep)
+            return
+        if path == "/v1/embeddings":
+            await self.embed(writer, body, keep)
             return
         chat = path == "/v1/chat/completions"
         if chat and not isinstance(body.get("messages"), list):
@@ -249,6 +252,19 @@ class FakeBackend:
             await self.stream(writer, body, chat, toks, usage, finish)
         else:
             await self.complete(writer, body, chat, toks, usage, finish, keep)
+
+    async def embed(self, writer: asyncio.StreamWriter, body: dict[str, Any], keep: bool) -> None:
+        """/v1/embeddings: one small vector per input; `model` names the model this process loaded."""
+        inputs = body.get("input")
+        if not isinstance(inputs, (str, list)) or not inputs:
+            await self.send(writer, 400, self.error_body(400, "'input' is required"), keep)
+            return
+        items = [inputs] if isinstance(inputs, str) else inputs
+        data = [{"object": "embedding", "index": i, "embedding": [float(len(str(x))), float(i), 0.5]}
+                for i, x in enumerate(items)]
+        n = sum(len(str(x).split()) for x in items)
+        await self.send(writer, 200, {"object": "list", "data": data, "model": self.model_id,
+                                      "usage": {"prompt_tokens": n, "total_tokens": n}}, keep)
 
     async def pace(self) -> None:
         if self.args.token_rate > 0:

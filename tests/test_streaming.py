@@ -258,6 +258,19 @@ def test_completions_endpoint(sandbox: Sandbox, units: Units, router: Router) ->
     assert "I am m-b." in text
 
 
+def test_embeddings_switch_like_completions(sandbox: Sandbox, units: Units, router: Router) -> None:
+    """Open WebUI's RAG asks /v1/embeddings: it loads the model it names, like a chat does."""
+    rt, _ = one_backend(units, router)
+    client = rt.openai()
+    assert client.chat.completions.create(model="m-a", messages=[{"role": "user", "content": "hi"}]).choices
+    r = client.embeddings.create(model="m-b", input=["one two", "three"])
+    assert r.model == "m-b" and len(r.data) == 2 and r.data[1].index == 1
+    assert rt.status()["active_model"] == "m-b" and rt.status()["switches"] == 2
+    with httpx.Client(base_url=rt.url, timeout=10) as c:
+        bad = c.post("/v1/embeddings", json={"model": "m-b"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "missing_field"
+
+
 def test_time_to_first_status_chunk(sandbox: Sandbox, units: Units, router: Router) -> None:
     """The number the issue asks for: from request to the first status chunk on a cold switch."""
     rt, _ = one_backend(units, router)
