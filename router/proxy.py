@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,25 @@ class Call:
     waited: float = 0.0
     status: int = 200
     summary: dict[str, Any] | None = None
+    finished: bool = False
+
+
+class RelayResponse(StreamingResponse):
+    """A streamed response that always ends its call, even when the client is gone before the first
+    byte: a generator that never started has no `finally` to run, and the model would stay held."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            self.on_close()
 
 
 def upstream_headers(request: Request, drop_auth: bool) -> dict[str, str]:
@@ -71,8 +90,8 @@ class Relay:
         if isinstance(first, Granted):
             return await self._direct(call, first)
         if call.stream:
-            return StreamingResponse(self._wait_and_stream(call, first), media_type="text/event-stream",
-                                     headers=SSE_HEADERS)
+            return RelayResponse(self._wait_and_stream(call, first), lambda: self._finish(call),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
         return await self._wait_quietly(request, call, first)
 
     # --- the model is loaded: straight through ------------------------------------------------
@@ -92,8 +111,8 @@ class Relay:
         if call.stream and resp.status_code == 200 and self.switcher.config.stats:
             writer = ChunkWriter(call.model_id, completions="chat" not in call.path, role_sent=True)
             tap = StreamTap(writer, stats=True, client_usage=call.client_usage, rewrite_id=False)
-        return StreamingResponse(self._pipe(call, resp, tap), status_code=resp.status_code,
-                                 headers={**response_headers(resp), **(SSE_HEADERS if call.stream else {})})
+        return RelayResponse(self._pipe(call, resp, tap), lambda: self._finish(call), status_code=resp.status_code,
+                             headers={**response_headers(resp), **(SSE_HEADERS if call.stream else {})})
 
     async def _pipe(self, call: Call, resp: httpx.Response, tap: StreamTap | None) -> AsyncIterator[bytes]:
         try:
@@ -112,7 +131,7 @@ class Relay:
         except httpx.HTTPError as e:  # the engine went away mid-answer
             log.warning("upstream_broken", model=call.model_id, error=str(e))
             if call.stream:
-                writer = ChunkWriter(call.model_id)
+                writer = tap.writer if tap is not None else ChunkWriter(call.model_id)
                 yield writer.error(f"{call.model_id}: the backend broke off the answer ({e}).",
                                    "backend_stream_broken")
                 yield DONE
@@ -126,7 +145,6 @@ class Relay:
         config = self.switcher.config
         completions = "chat" not in call.path
         writer = ChunkWriter(call.model_id, config.switch.status_channel, completions=completions)
-        piped = False
         try:
             update = first
             while True:
@@ -168,13 +186,11 @@ class Relay:
             tap = StreamTap(writer, stats=config.stats, client_usage=call.client_usage, rewrite_id=True,
                             drop_role=writer.role_sent)
             writer.role_sent = True
-            piped = True  # from here _pipe reports the end of the response
             async with contextlib.aclosing(self._pipe(call, resp, tap)) as pipe:
                 async for piece in pipe:
                     yield piece
         finally:
-            if not piped:
-                self._finish(call)
+            self._finish(call)
 
     async def _wait_quietly(self, request: Request, call: Call, first: Update | None) -> Response:
         update = first
@@ -191,6 +207,10 @@ class Relay:
         return await self._direct(call, update)
 
     def _finish(self, call: Call, status: int | None = None) -> None:
+        """The call is over: release its ticket and log one line (once, whichever path gets here first)."""
+        if call.finished:
+            return
+        call.finished = True
         if status is not None:
             call.status = status
         self.switcher.done(call.ticket)

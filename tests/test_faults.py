@@ -220,3 +220,41 @@ def test_admin_load_and_unload(sandbox: Sandbox, units: Units, router: Router) -
         assert r2.status_code == 200 and r2.json()["unloaded"] == [u.name]
     wait_until(lambda: sandbox.active_state(u.name) == "inactive", timeout=10, step=0.05)
     assert rt.status()["active_model"] is None
+
+
+def _abandon(url: str, body: dict, wait_for_first_byte: bool) -> None:
+    """Send a request and hang up: at once, or as soon as the first byte of the answer arrives."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    payload = json.dumps(body).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n").encode()
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as s:
+        s.sendall(head + payload)
+        if wait_for_first_byte:
+            s.recv(1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST on close
+
+
+def test_clients_that_hang_up_never_hold_the_model(sandbox: Sandbox, units: Units, router: Router) -> None:
+    """Clients that vanish before, at or after the first byte must not leave the model 'serving'
+    (else the router could never switch away from it again)."""
+    rt, _ = one_backend(units, router, args=("--token-rate", "50", "--tokens", "40"))
+    with rt.client() as c:
+        assert c.post("/v1/chat/completions", json=chat_body("m-a")).status_code == 200
+    for stream in (True, False):
+        for first_byte in (False, True):
+            for _ in range(5):
+                _abandon(rt.url, chat_body("m-a", stream=stream), first_byte)
+    for stream in (True, False):  # the same while a switch is in flight: waiting tickets are forgotten
+        _abandon(rt.url, chat_body("m-b", stream=stream), wait_for_first_byte=stream)
+    wait_until(lambda: rt.status()["serving"] == {} and rt.status()["switch"] is None, timeout=20, step=0.05,
+               what="no request left serving after the clients hung up")
+    with rt.client() as c:
+        r = c.post("/v1/chat/completions", json=chat_body("m-a"))
+        assert r.status_code == 200 and "I am m-a." in r.json()["choices"][0]["message"]["content"]
+        r = c.post("/v1/chat/completions", json=chat_body("m-b"))  # a switch away is still possible
+    assert r.status_code == 200 and "I am m-b." in r.json()["choices"][0]["message"]["content"]
+    assert rt.status()["serving"] == {}
