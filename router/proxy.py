@@ -7,6 +7,7 @@ lines, keep-alive comments and, at the end, either the engine's answer or a read
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
@@ -87,12 +88,36 @@ class Relay:
 
     async def handle(self, request: Request, call: Call) -> Response:
         first = await self.switcher.next_update(call.ticket)
-        if isinstance(first, Granted):
-            return await self._direct(call, first)
-        if call.stream:
+        if call.stream and not isinstance(first, Granted):
             return RelayResponse(self._wait_and_stream(call, first), lambda: self._finish(call),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
-        return await self._wait_quietly(request, call, first)
+        # Until a response starts, nothing tells a handler that its client left: watch for it, so that
+        # an abandoned request neither keeps its model busy nor lets the engine compute for nobody.
+        gone = asyncio.ensure_future(_disconnected(request))
+        work = asyncio.ensure_future(self._respond(call, first))
+        try:
+            await asyncio.wait({gone, work}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                return work.result()
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            self._finish(call, status=499)
+            return Response(status_code=499)
+        finally:
+            gone.cancel()
+            work.cancel()
+
+    async def _respond(self, call: Call, update: Update | None) -> Response:
+        """Wait silently for the model (non-streaming), then open the engine's response."""
+        while not isinstance(update, (Granted, Failed)):
+            update = await self.switcher.next_update(call.ticket)
+        if isinstance(update, Failed):
+            self._finish(call, status=503)
+            return JSONResponse(error_body(update.message, update.error.code, "server_error", "model"),
+                                status_code=503)
+        call.waited = time.monotonic() - call.started
+        return await self._direct(call, update)
 
     # --- the model is loaded: straight through ------------------------------------------------
 
@@ -192,20 +217,6 @@ class Relay:
         finally:
             self._finish(call)
 
-    async def _wait_quietly(self, request: Request, call: Call, first: Update | None) -> Response:
-        update = first
-        while not isinstance(update, (Granted, Failed)):
-            update = await self.switcher.next_update(call.ticket, 1.0)
-            if update is None and await request.is_disconnected():
-                self._finish(call, status=499)
-                return Response(status_code=499)
-        if isinstance(update, Failed):
-            self._finish(call, status=503)
-            return JSONResponse(error_body(update.message, update.error.code, "server_error", "model"),
-                                status_code=503)
-        call.waited = time.monotonic() - call.started
-        return await self._direct(call, update)
-
     def _finish(self, call: Call, status: int | None = None) -> None:
         """The call is over: release its ticket and log one line (once, whichever path gets here first)."""
         if call.finished:
@@ -217,6 +228,12 @@ class Relay:
         log.info("request", path=call.path, model=call.model_id, stream=call.stream, status=call.status,
                  waited=round(call.waited, 3), duration=round(time.monotonic() - call.started, 3),
                  **(call.summary or {}))
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has hung up (the request body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def unreachable(config: Config, model: Model, backend: Backend, error: Exception) -> dict[str, Any]:

@@ -258,3 +258,20 @@ def test_clients_that_hang_up_never_hold_the_model(sandbox: Sandbox, units: Unit
         r = c.post("/v1/chat/completions", json=chat_body("m-b"))  # a switch away is still possible
     assert r.status_code == 200 and "I am m-b." in r.json()["choices"][0]["message"]["content"]
     assert rt.status()["serving"] == {}
+
+
+def test_an_abandoned_non_streaming_request_releases_its_model(sandbox: Sandbox, units: Units,
+                                                                router: Router) -> None:
+    """A client that gives up on a slow non-streamed answer must not hold the model until the engine
+    finishes: the router drops the upstream request and a switch to another model goes ahead."""
+    rt, _ = one_backend(units, router, args=("--token-rate", "2", "--tokens", "200"))  # ~100 s per answer
+    with rt.client() as c:
+        assert c.post("/v1/chat/completions", json=chat_body("m-a", max_tokens=1)).status_code == 200
+        with pytest.raises(httpx.ReadTimeout):
+            c.post("/v1/chat/completions", json=chat_body("m-a"), timeout=1.0)
+    wait_until(lambda: rt.status()["serving"] == {}, timeout=10, step=0.05,
+               what="the abandoned request to be released")
+    assert '"status": 499' in rt.log_text()
+    with rt.client() as c:
+        r = c.post("/v1/chat/completions", json=chat_body("m-b", max_tokens=2), timeout=30)
+    assert r.status_code == 200 and "I am m-b." in r.json()["choices"][0]["message"]["content"]
