@@ -100,7 +100,7 @@ class Api:
             body["model"], changed = model.upstream_model, True
         if required == "messages" and (config.switch.status_channel == "content" or config.stats):
             changed = strip_history(body["messages"]) or changed
-        if stream and config.stats and not client_usage:
+        if stream and config.stats and not client_usage and required == "messages":
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
             changed = True
         upstream = json.dumps(body, ensure_ascii=False).encode() if changed else raw

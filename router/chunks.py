@@ -99,8 +99,8 @@ class ChunkWriter:
     def status(self, line: str, done: bool = False) -> bytes:
         """A status line through the configured channel; b"" for channel none."""
         channel = self.channel
-        if self.completions and channel == "reasoning":
-            channel = "event"  # completions have no reasoning field
+        if self.completions and channel in ("reasoning", "content"):
+            channel = "event"  # a text completion's text must stay exactly the engine's (autocomplete, FIM)
         if channel == "none":
             return b""
         if channel == "event":

@@ -50,6 +50,11 @@ class Call:
     summary: dict[str, Any] | None = None
     finished: bool = False
 
+    @property
+    def chat(self) -> bool:
+        """A chat completion: the stats line is only ever added to those (text completions stay exact)."""
+        return self.path == "/v1/chat/completions"
+
 
 class RelayResponse(StreamingResponse):
     """A streamed response that always ends its call, even when the client is gone before the first
@@ -133,8 +138,8 @@ class Relay:
             return JSONResponse(unreachable(self.switcher.config, granted.model, granted.backend, e), status_code=502)
         call.status = resp.status_code
         tap = None
-        if call.stream and resp.status_code == 200 and self.switcher.config.stats:
-            writer = ChunkWriter(call.model_id, completions="chat" not in call.path, role_sent=True)
+        if call.stream and resp.status_code == 200 and self.switcher.config.stats and call.chat:
+            writer = ChunkWriter(call.model_id, role_sent=True)
             tap = StreamTap(writer, stats=True, client_usage=call.client_usage, rewrite_id=False)
         return RelayResponse(self._pipe(call, resp, tap), lambda: self._finish(call), status_code=resp.status_code,
                              headers={**response_headers(resp), **(SSE_HEADERS if call.stream else {})})
@@ -168,8 +173,7 @@ class Relay:
 
     async def _wait_and_stream(self, call: Call, first: Update | None) -> AsyncIterator[bytes]:
         config = self.switcher.config
-        completions = "chat" not in call.path
-        writer = ChunkWriter(call.model_id, config.switch.status_channel, completions=completions)
+        writer = ChunkWriter(call.model_id, config.switch.status_channel, completions=not call.chat)
         try:
             update = first
             while True:
@@ -208,7 +212,7 @@ class Relay:
                                    "backend_error")
                 yield DONE
                 return
-            tap = StreamTap(writer, stats=config.stats, client_usage=call.client_usage, rewrite_id=True,
+            tap = StreamTap(writer, stats=config.stats and call.chat, client_usage=call.client_usage, rewrite_id=True,
                             drop_role=writer.role_sent)
             writer.role_sent = True
             async with contextlib.aclosing(self._pipe(call, resp, tap)) as pipe:

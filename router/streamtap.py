@@ -43,6 +43,7 @@ class StreamTap:
         self._usage: dict[str, Any] | None = None
         self._timings: dict[str, Any] | None = None
         self._held_usage: bytes = b""
+        self._usage_passed = False
         self.stats_sent = False
         self.summary: dict[str, Any] | None = None  # tokens, seconds, tok_per_s once known
 
@@ -127,7 +128,8 @@ class StreamTap:
         if isinstance(obj.get("timings"), dict):
             self._timings = obj["timings"]
         if obj.get("choices"):
-            return False  # usage rides on a chunk with content: pass it on as is
+            self._usage_passed = True  # usage rides on a chunk with content: it went out as it came
+            return False
         return True
 
     def _stats_chunk(self) -> bytes:
@@ -149,7 +151,7 @@ class StreamTap:
         self.summary = {"tokens": tokens, "seconds": round(seconds, 3), "tok_per_s": round(rate, 2)}
         line = "\n\n" + stats_line(tokens, seconds, rate)
         extra: dict[str, Any] = {}
-        if not self.client_usage and self._usage is not None:
+        if not self.client_usage and self._usage is not None and not self._usage_passed:
             extra["usage"] = self._usage
             extra["timings"] = timings or {
                 "predicted_n": tokens, "predicted_ms": round(seconds * 1000, 3),

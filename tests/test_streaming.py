@@ -251,11 +251,13 @@ def test_completions_endpoint(sandbox: Sandbox, units: Units, router: Router) ->
     client = rt.openai()
     r = client.completions.create(model="m-a", prompt="Once upon a time", max_tokens=3)
     assert r.choices[0].text == "I am m-a. token1 token2"
-    text = ""
+    text, usages = "", 0
     for chunk in client.completions.create(model="m-b", prompt="x", stream=True):
+        usages += chunk.usage is not None
         for ch in chunk.choices:
             text += ch.text or ""
-    assert "I am m-b." in text
+    assert text == "I am m-b. token1 token2 token3 token4 token5 token6 token7"  # no stats line in text
+    assert usages <= 1
 
 
 def test_embeddings_switch_like_completions(sandbox: Sandbox, units: Units, router: Router) -> None:

@@ -106,7 +106,7 @@ def test_status_chunks_per_channel():
     assert json.loads(ChunkWriter("m", "content").status("z")[6:])["choices"][0]["delta"]["content"] == "z\n"
     assert ChunkWriter("m", "none").status("z") == b""
     text = json.loads(ChunkWriter("m", "content", completions=True).status("z")[6:])
-    assert text["object"] == "text_completion" and text["choices"][0]["text"] == "z\n"
+    assert text["object"] == "text_completion" and text["choices"] == [] and text["event"]["data"]["description"] == "z"
 
 
 def test_own_lines_are_stripped_from_history_and_nothing_else():
@@ -133,3 +133,13 @@ def test_role_is_dropped_from_the_engine_when_the_router_already_sent_it():
     evs = [e for e in events(run(tap, [STREAM[:40], STREAM[40:]])) if isinstance(e, dict)]
     assert evs[0]["choices"][0]["delta"] == {"content": ""}
     assert sum("role" in json.dumps(e) for e in evs) == 0 and len(evs) == 8
+
+
+def test_usage_riding_on_a_content_chunk_is_not_reported_again():
+    finish_with_usage = chunk({"id": "up-1", "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": {}, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}})
+    tap = StreamTap(ChunkWriter("m"), stats=True, client_usage=False, rewrite_id=False, clock=Clock())
+    evs = [e for e in events(run(tap, [ROLE, *TOKENS, finish_with_usage, DONE])) if isinstance(e, dict)]
+    assert sum(1 for e in evs if e.get("usage")) == 1
+    assert "(5 tokens in" in evs[-1]["choices"][0]["delta"]["content"] and "usage" not in evs[-1]
