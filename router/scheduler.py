@@ -192,8 +192,8 @@ class Scheduler:
         for ticket in self.switch.waiters:
             self.queue.remove(ticket)
         self.active = None
-        if not plan.adopt:
-            self.switches_started += 1
+        if plan.target is not None and not plan.adopt:
+            self.switches_started += 1  # loads only: adopting or unloading is not a switch
         self.effects.start_switch(plan)
         for ticket in self.switch.waiters:
             self.effects.waiting(ticket, self.switch)

@@ -226,8 +226,9 @@ class Switcher:
         except SystemdError:
             running = set(self.scheduler.running)
         took = time.monotonic() - run.started
-        self.last_switch = {"target": plan.target, "ok": error is None, "took": round(took, 3),
-                            "error": error.message(run.display) if error else None}
+        if plan.target is not None:  # /status's last_switch describes the last load, not an unload
+            self.last_switch = {"target": plan.target, "ok": error is None, "took": round(took, 3),
+                                "error": error.message(run.display) if error else None}
         if error is None:
             log.info("switch_done", target=plan.target, took=round(took, 3))
         else:

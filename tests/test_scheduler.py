@@ -139,6 +139,7 @@ def test_unload_waits_for_streams_then_stops_everything(sched):
     assert rec.take("switch") == ["a", None]
     s.on_switch_done(None, set())
     assert rec.calls[-1] == ("grant", u.id) and s.active is None
+    assert s.switches_started == 1  # the unload is not counted as a switch
 
 
 def test_unload_with_nothing_running_is_granted_at_once(sched):
