@@ -331,10 +331,11 @@ def render_router_unit(template: str, *, mode: str, venv: str, config_dir: str, 
             in_ns = False
             out.append(line)
             continue
+        program = [exec_python[0], "-m", "router"] if exec_python else [f"{venv}/bin/llm-router"]
         if line.startswith("ExecStart="):
-            program = [exec_python[0], "-m", "router"] if exec_python else [f"{venv}/bin/llm-router"]
-            argv = [*program, "serve", "--config-dir", config_dir]
-            line = "ExecStart=" + exec_start(argv)
+            line = "ExecStart=" + exec_start([*program, "serve", "--config-dir", config_dir])
+        elif line.startswith("ExecReload=") and " check " in line:
+            line = "ExecReload=" + exec_start([*program, "check", "--config-dir", config_dir])
         elif line.startswith("Environment=LLM_ROUTER_CONFIG_DIR="):
             line = "Environment=" + unit_word(f"LLM_ROUTER_CONFIG_DIR={config_dir}")
         elif line.startswith("Description=") and description:
