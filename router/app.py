@@ -149,6 +149,8 @@ class Api:
             "active_model": s.active, "switch": switch, "queued": queued, "serving": dict(s.serving),
             "units": units, "last_switch": self.switcher.last_switch, "switches": s.switches_started,
             "gpu": await asyncio.to_thread(gpu.snapshot), "config_dir": str(config.config_dir),
+            "config": {"loaded_at": round(self.switcher.config_loaded_at, 3),
+                       "reload_error": self.switcher.reload_error},
         })
 
     async def admin_load(self, request: Request) -> Response:

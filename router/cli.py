@@ -123,6 +123,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"unit {unit}: {state['active_state']} ({state['sub_state']})")
     if status.get("queued"):
         print(f"queued: {status['queued']}")
+    reload_error = (status.get("config") or {}).get("reload_error")
+    if reload_error:
+        print("last reload REJECTED (the previous configuration is serving):")
+        for problem in reload_error:
+            print(f"  {problem}")
     gpu = status.get("gpu", {})
     print("gpu: " + (", ".join(f"{g['name']} {g['memory_used_mib']}/{g['memory_total_mib']} MiB"
                                for g in gpu.get("gpus", [])) if gpu.get("available")

@@ -100,7 +100,8 @@ async def reload(switcher: Switcher, config_dir: Path) -> None:
     try:
         config = await asyncio.to_thread(load_config, config_dir)
     except ConfigError as e:
-        log.error("reload_rejected", problems=[str(p) for p in e.problems],
+        switcher.reload_error = [str(p) for p in e.problems]
+        log.error("reload_rejected", problems=switcher.reload_error,
                   hint="the previous configuration keeps serving; fix the files and reload again")
     else:
         old = switcher.config

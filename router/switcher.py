@@ -87,6 +87,8 @@ class Switcher:
         self.scheduler = Scheduler(config, self)
         self.run_info: SwitchRun | None = None
         self.last_switch: dict[str, Any] | None = None
+        self.config_loaded_at = time.time()
+        self.reload_error: list[str] | None = None  # problems of the last rejected reload, until a good one
         self._events: asyncio.Queue[tuple[Callable[..., None], tuple[Any, ...]]] = asyncio.Queue()
         self._inbox: dict[int, asyncio.Queue[Update]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -160,6 +162,7 @@ class Switcher:
         self._post(self.scheduler.on_done, ticket)
 
     def reload(self, config: Config) -> None:
+        self.config_loaded_at, self.reload_error = time.time(), None
         self._post(self.scheduler.on_config, config)
         self._spawn(self.systemd.watch(config.managed_units()), "watch")
 

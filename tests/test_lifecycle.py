@@ -192,6 +192,7 @@ def test_invalid_reload_is_rejected_and_the_old_config_keeps_serving(
     # the old configuration keeps serving: same model list, m-a still loaded in the same process
     assert sorted(rt.models()) == ["m-a", "m-b"]
     assert rt.status()["active_model"] == "m-a"
+    assert rt.status()["config"]["reload_error"] == rejected[0]["problems"]  # /status says so too
     assert sandbox.unit_state(u.name)["MainPID"] == pid
     with rt.client() as c:
         assert answer(c.post("/v1/chat/completions", json=chat_body("m-b", max_tokens=1))) == "I am m-b."
