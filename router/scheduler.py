@@ -51,6 +51,7 @@ class LoadFailure:
 class Switch:
     plan: Plan
     waiters: list[Ticket] = field(default_factory=list)
+    aborting: bool = False  # every client of this load left and another model waits: it is being cut short
 
     @property
     def target(self) -> str | None:
@@ -61,6 +62,9 @@ class Effects(Protocol):
     def start_switch(self, plan: Plan) -> None: ...
     def grant(self, ticket: Ticket) -> None: ...
     def fail(self, ticket: Ticket, error: LoadFailure) -> None: ...
+    def abort_switch(self) -> None:
+        """Cut the switch in flight short; it still ends with on_switch_done (with an error)."""
+        ...
     def waiting(self, ticket: Ticket, switch: Switch | None) -> None:
         """The ticket must wait: queued (switch None) or attached to the switch that loads its model."""
         ...
@@ -90,12 +94,14 @@ class Scheduler:
     def on_request(self, ticket: Ticket) -> None:
         if ticket.model is not None and ticket.model == self.active and self.switch is None:
             self._grant(ticket)
-        elif self.switch is not None and self.switch.target == ticket.model and ticket.model is not None:
+        elif (self.switch is not None and self.switch.target == ticket.model and ticket.model is not None
+              and not self.switch.aborting):
             self.switch.waiters.append(ticket)
             self.effects.waiting(ticket, self.switch)
         else:
             self.queue.append(ticket)
             self.effects.waiting(ticket, None)
+            self._abort_if_abandoned()
             self._next()
 
     def on_done(self, ticket: Ticket) -> None:
@@ -113,6 +119,7 @@ class Scheduler:
             self.queue.remove(ticket)  # a switch in flight for it goes on
         elif self.switch is not None and ticket in self.switch.waiters:
             self.switch.waiters.remove(ticket)
+            self._abort_if_abandoned()
         self._next()
 
     def on_switch_done(self, error: LoadFailure | None, running: set[str]) -> None:
@@ -162,6 +169,16 @@ class Scheduler:
         self._next()
 
     # --- decisions ----------------------------------------------------------------------------
+
+    def _abort_if_abandoned(self) -> None:
+        """A load nobody waits for any more must not make a waiting request for another model sit out
+        its load_timeout: cut it short. (With nobody else waiting it goes on: its client may return.)"""
+        switch = self.switch
+        if (switch is None or switch.aborting or switch.waiters or switch.target is None or switch.plan.adopt
+                or not any(t.model != switch.target for t in self.queue)):
+            return
+        switch.aborting = True
+        self.effects.abort_switch()
 
     def _grant(self, ticket: Ticket) -> None:
         ticket.granted = True

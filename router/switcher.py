@@ -73,6 +73,7 @@ class SwitchRun:
     started: float = field(default_factory=time.monotonic)
     phase: str = "stopping"
     load_started: float | None = None
+    aborted: bool = False  # cut short by the scheduler (abort_switch), not by a shutdown
 
     def loading_text(self) -> str:
         return loading_line(self.display, time.monotonic() - (self.load_started or self.started), self.timeout)
@@ -93,6 +94,7 @@ class Switcher:
         self._inbox: dict[int, asyncio.Queue[Update]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._switch_task: asyncio.Task[None] | None = None
         self._unit_changed = asyncio.Event()
 
     @property
@@ -208,7 +210,15 @@ class Switcher:
         model = config.models.get(plan.target or "")
         timeout = config.load_timeout_of(model) if model else config.switch.stop_timeout
         self.run_info = SwitchRun(plan, self._display(plan.target), timeout)
-        self._spawn(self._execute(plan, config, self.run_info), f"switch-{plan.target}")
+        self._switch_task = asyncio.create_task(self._execute(plan, config, self.run_info),
+                                                name=f"switch-{plan.target}")
+        self._tasks.add(self._switch_task)
+        self._switch_task.add_done_callback(self._tasks.discard)
+
+    def abort_switch(self) -> None:
+        if self.run_info is not None and self._switch_task is not None and not self._switch_task.done():
+            self.run_info.aborted = True
+            self._switch_task.cancel()
 
     # --- carrying out a plan ------------------------------------------------------------------
 
@@ -216,6 +226,13 @@ class Switcher:
         log.info("switch_start", target=plan.target, stop=list(plan.stop), start=plan.start, adopt=plan.adopt)
         try:
             error = await self._carry_out(plan, config, run)
+        except asyncio.CancelledError:
+            if not run.aborted:
+                raise  # the router is shutting down: leave the unit as it is
+            uncancel = getattr(asyncio.current_task(), "uncancel", None)  # Python >= 3.11
+            if uncancel is not None:
+                uncancel()  # the cancellation is handled here: later awaits and timeouts work as usual
+            error = await self._abandon(plan, config, run)
         except SystemdError as e:
             error = LoadFailure(plan.target or "", plan.start, f"systemd did not do what was asked: {e}.",
                                 "Check that the router may manage this unit (root on the system bus).")
@@ -238,6 +255,17 @@ class Switcher:
             log.error("switch_failed", target=plan.target, took=round(took, 3), error=error.message(run.display))
         self.run_info = None
         self._post(self._switch_done, error, running)
+
+    async def _abandon(self, plan: Plan, config: Config, run: SwitchRun) -> LoadFailure:
+        """Every client of this load left while another model waits: stop what was being started."""
+        log.info("switch_abandoned", target=plan.target, phase=run.phase,
+                 elapsed=round(time.monotonic() - run.started, 3))
+        if plan.start is not None:
+            with contextlib.suppress(SystemdError):  # what is still running shows in the states read next
+                await self.systemd.stop(plan.start, config.switch.stop_timeout + 5)
+        return LoadFailure(plan.target or "", plan.start,
+                           "was no longer waited for: its clients left and another model was asked for.",
+                           code="model_load_abandoned")
 
     def _switch_done(self, error: LoadFailure | None, running: set[str]) -> None:
         self.scheduler.on_switch_done(error, running)

@@ -275,3 +275,22 @@ def test_an_abandoned_non_streaming_request_releases_its_model(sandbox: Sandbox,
     with rt.client() as c:
         r = c.post("/v1/chat/completions", json=chat_body("m-b", max_tokens=2), timeout=30)
     assert r.status_code == 200 and "I am m-b." in r.json()["choices"][0]["message"]["content"]
+
+
+def test_a_load_whose_clients_left_is_cut_short_for_another_model(sandbox: Sandbox, units: Units,
+                                                                   router: Router) -> None:
+    """Picking the wrong model and then the right one must not cost the wrong one's load_timeout."""
+    rt, u = one_backend(units, router, per_model={"m-a": {"args": ["--never-healthy"], "load_timeout": 120}})
+    with httpx.Client(base_url=rt.url, timeout=30) as c:
+        with c.stream("POST", "/v1/chat/completions", json=chat_body("m-a", stream=True)) as r:
+            for line in r.iter_lines():
+                if "Loading" in line:
+                    break  # m-a's unit runs and will never be healthy: hang up
+        wait_until(lambda: rt.status()["switch"] is not None and rt.status()["switch"]["phase"] == "loading",
+                   timeout=10, what="m-a loading")
+        r = c.post("/v1/chat/completions", json=chat_body("m-b"))  # the client's own timeout is 30 s < 120 s
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"].startswith("I am m-b.")
+    assert "switch_abandoned" in rt.log_text()
+    st = rt.status()
+    assert st["active_model"] == "m-b" and st["last_switch"]["target"] == "m-b"
+    assert sandbox.unit_state(u.name)["ActiveState"] == "active"

@@ -41,6 +41,9 @@ class Recorder:
     def waiting(self, ticket: Ticket, switch: Switch | None) -> None:
         self.calls.append(("wait", ticket.id))
 
+    def abort_switch(self) -> None:
+        self.calls.append(("abort", None))
+
     def take(self, kind: str) -> list[object]:
         return [x for k, x in self.calls if k == kind]
 
@@ -200,3 +203,36 @@ def test_a_grant_that_raced_a_client_leaving_is_still_released(sched):
     assert s.serving == {} and rec.take("switch") == ["a", "b"]
     s.on_switch_done(None, {"one.service"})
     assert rec.calls[-1] == ("grant", b.id)
+
+
+def test_a_load_nobody_waits_for_is_cut_short_when_another_model_is_asked_for(sched):
+    s, rec = sched
+    a = request(s, "a")
+    b = request(s, "b")
+    s.on_done(a)  # the only client of the load of a leaves, b waits
+    assert b in s.queue
+    assert rec.take("abort") == [None] and s.switch is not None and s.switch.aborting
+    late = request(s, "a")  # a request for a while the load is being cut short queues for a new load
+    assert s.switch.waiters == []
+    s.on_switch_done(LoadFailure("a", "one.service", "abandoned"), set())
+    assert rec.take("fail") == [] and rec.take("switch") == ["a", "b"]
+    s.on_switch_done(None, {"one.service"})
+    assert rec.take("switch") == ["a", "b"]  # b is serving: a waits for it to finish
+    assert late in s.queue
+
+
+def test_a_load_nobody_waits_for_goes_on_when_nothing_else_waits(sched):
+    s, rec = sched
+    a = request(s, "a")
+    s.on_done(a)
+    assert rec.take("abort") == []
+    b = request(s, "b")  # then someone wants another model: now it is cut short
+    assert rec.take("abort") == [None] and b in s.queue
+
+
+def test_adoption_and_loads_with_waiters_are_never_cut_short(sched):
+    s, rec = sched
+    s.on_startup({"two.service"}, "c")
+    request(s, "a")
+    request(s, "c")
+    assert rec.take("abort") == []
