@@ -730,8 +730,10 @@ EOF
     echo "Open WebUI: Admin Panel -> Settings -> Connections -> OpenAI API -> add a connection:"
     echo "    URL: $url/v1     (Open WebUI in Docker: run it with --network=host)"
     echo "    Key: anything"
+    echo "Config: $DEMO_DIR/config/models.yml and config.yml; after editing:"
+    echo "        $VENV/bin/llm-router check --config-dir $DEMO_DIR/config && $sctl_hint reload $DEMO_UNIT"
     echo "Units:  $sctl_hint status $DEMO_UNIT $DEMO_BACKEND_UNIT"
-    echo "Logs:   $jhint"
+    echo "Logs:   $jhint     (the model's own: --user-unit=$DEMO_BACKEND_UNIT)"
     echo "Stop:   $0 --demo --stop$( [ "$DEMO_DIR" = "$REPO/.demo" ] || echo " --demo-dir $DEMO_DIR")"
 }
 

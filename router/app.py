@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -80,8 +81,11 @@ class Api:
         if not isinstance(body, dict):
             return bad_request("The request body must be a JSON object.", "invalid_json")
         model_id = body.get("model")
-        if not isinstance(model_id, str) or not model_id:
+        if model_id is None or model_id == "":
             return bad_request("The request has no `model`: name one of GET /v1/models.", "missing_field", "model")
+        if not isinstance(model_id, str):
+            return bad_request(f"`model` must be a string (the id of one of GET /v1/models), not {model_id!r}.",
+                               "invalid_field", "model")
         if required == "messages" and not isinstance(body.get("messages"), list):
             return bad_request("The request has no `messages` list.", "missing_field", "messages")
         if required in ("prompt", "input") and required not in body:
@@ -214,4 +218,18 @@ def create_app(switcher: Switcher, http: httpx.AsyncClient) -> Starlette:
         Route("/admin/load", g(api.admin_load), methods=["POST"]),
         Route("/admin/unload", g(api.admin_unload), methods=["POST"]),
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Unknown paths and wrong methods answer OpenAI-style JSON, like everything else."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = (f"No such endpoint: {request.url.path}. The router serves /v1/models, /v1/chat/completions, "
+                   "/v1/completions, /v1/embeddings, /health, /status and /admin/{load,unload}.")
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}."
+    else:
+        message = str(exc.detail)
+    return JSONResponse(error_body(message, "not_found" if exc.status_code == 404 else "invalid_request"),
+                        status_code=exc.status_code, headers=getattr(exc, "headers", None))

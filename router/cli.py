@@ -70,9 +70,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 1
-    print(f"{config_dir}: OK, {len(config.models)} models on {len(config.backends)} backends "
-          f"({', '.join(config.backends)}), listening on {config.listen.host}:{config.listen.port}")
+    print(f"{config_dir}: OK, {_count(len(config.models), 'model')} on "
+          f"{_count(len(config.backends), 'backend')} ({', '.join(config.backends)}), "
+          f"listening on {config.listen.host}:{config.listen.port}")
+    for model in config.models.values():  # a program that is not there fails only at load time: say it now
+        program = model.command[0] if model.command else None
+        if program and program.startswith("/") and not os.access(program, os.X_OK):
+            print(f"warning: models.{model.id}.command: {program} is not an executable file on this host "
+                  "(the model will fail to load until it is)", file=sys.stderr)
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 class _DaemonError(Exception):

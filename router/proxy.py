@@ -228,6 +228,8 @@ class Relay:
         call.finished = True
         if status is not None:
             call.status = status
+        if not call.ticket.granted:  # it waited all its life for a model that never came
+            call.waited = time.monotonic() - call.started
         self.switcher.done(call.ticket)
         log.info("request", path=call.path, model=call.model_id, stream=call.stream, status=call.status,
                  waited=round(call.waited, 3), duration=round(time.monotonic() - call.started, 3),

@@ -82,11 +82,11 @@ def only_problem(directory: Path) -> tuple[str, int, str]:
 
 
 def test_check_valid_pair_exits_0_with_a_summary(tmp_path: Path) -> None:
-    d = write_dir(tmp_path / "etc")
+    d = write_dir(tmp_path / "etc", models=MODELS.replace("/usr/local/bin/llama-server", sys.executable))
     r = cli("check", "--config-dir", str(d))
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
-    assert r.stdout.strip() == (f"{d}: OK, 2 models on 1 backends (llamacpp), listening on 127.0.0.1:8002")
+    assert r.stdout.strip() == (f"{d}: OK, 2 models on 1 backend (llamacpp), listening on 127.0.0.1:8002")
 
 
 def test_check_shipped_defaults_pass() -> None:
@@ -333,3 +333,13 @@ def test_error_text_of_an_answer_that_is_not_json() -> None:
 
     assert _error_text(httpx.Response(502, text="<html>Bad Gateway</html>")) == "HTTP 502: <html>Bad Gateway</html>"
     assert _error_text(httpx.Response(404, json={"error": {"message": "no such model"}})) == "no such model"
+
+
+def test_check_warns_about_a_program_that_is_not_there(tmp_path: Path) -> None:
+    d = tmp_path / "etc"
+    d.mkdir()
+    (d / "config.yml").write_text("backends:\n  b: {unit: b.service, url: 'http://127.0.0.1:1'}\n")
+    (d / "models.yml").write_text("models:\n  m: {backend: b, command: [/nonexistent/llama-server, -m, x]}\n")
+    r = cli("check", "--config-dir", str(d))
+    assert r.returncode == 0, r.stderr  # a warning: the file may appear before the model is asked for
+    assert "warning: models.m.command: /nonexistent/llama-server is not an executable file" in r.stderr

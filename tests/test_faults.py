@@ -176,6 +176,12 @@ def test_bad_requests_400_and_unknown_model_404(sandbox: Sandbox, units: Units, 
         assert r.status_code == 400 and error_of(r)["code"] == "missing_field", r.text
         r = c.post("/v1/completions", json={"model": "m-a"})
         assert r.status_code == 400 and error_of(r)["code"] == "missing_field", r.text
+        r = c.post("/v1/chat/completions", json={"model": 123, "messages": []})
+        assert r.status_code == 400 and error_of(r)["code"] == "invalid_field" and "string" in error_of(r)["message"]
+        r = c.get("/v1/chat/completions")
+        assert r.status_code == 405 and "GET is not allowed" in error_of(r)["message"], r.text
+        r = c.post("/v1/nope", json={})
+        assert r.status_code == 404 and "/v1/nope" in error_of(r)["message"], r.text
         for path, body in (("/v1/chat/completions", chat_body("nope")),
                            ("/v1/chat/completions", chat_body("nope", stream=True)),
                            ("/v1/completions", {"model": "nope", "prompt": "x"})):
