@@ -57,8 +57,9 @@ class Call:
 
 
 class RelayResponse(StreamingResponse):
-    """A streamed response that always ends its call, even when the client is gone before the first
-    byte: a generator that never started has no `finally` to run, and the model would stay held."""
+    """A streamed response that ends its call (ticket released, one log line) once it is over, whatever
+    way: also when the client is gone before the first byte, when a generator that never started would
+    have no `finally` to run and the model would stay held."""
 
     def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
@@ -166,60 +167,56 @@ class Relay:
                                    "backend_stream_broken")
                 yield DONE
         finally:
-            await resp.aclose()
-            self._finish(call)
+            await resp.aclose()  # the call itself is ended by RelayResponse, after this
 
     # --- the model must be loaded first -------------------------------------------------------
 
     async def _wait_and_stream(self, call: Call, first: Update | None) -> AsyncIterator[bytes]:
         config = self.switcher.config
         writer = ChunkWriter(call.model_id, config.switch.status_channel, completions=not call.chat)
+        update = first
+        while True:
+            if update is None:
+                yield KEEPALIVE
+            elif isinstance(update, Status):
+                chunk = writer.status(update.text, update.done)
+                if chunk:
+                    yield chunk
+            elif isinstance(update, Failed):
+                call.status = 503
+                yield writer.status(failed_line(update.display, update.error.what.rstrip(".")), done=True)
+                yield writer.error(update.message, update.error.code)
+                yield DONE
+                return
+            elif isinstance(update, Granted):
+                call.waited = time.monotonic() - call.started
+                if update.took is not None:
+                    yield writer.status(ready_line(update.model.display_name, update.took), done=True)
+                break
+            update = await self.switcher.next_update(call.ticket, config.switch.keepalive_every)
+        assert isinstance(update, Granted)
         try:
-            update = first
-            while True:
-                if update is None:
-                    yield KEEPALIVE
-                elif isinstance(update, Status):
-                    chunk = writer.status(update.text, update.done)
-                    if chunk:
-                        yield chunk
-                elif isinstance(update, Failed):
-                    call.status = 503
-                    yield writer.status(failed_line(update.display, update.error.what.rstrip(".")), done=True)
-                    yield writer.error(update.message, update.error.code)
-                    yield DONE
-                    return
-                elif isinstance(update, Granted):
-                    call.waited = time.monotonic() - call.started
-                    if update.took is not None:
-                        yield writer.status(ready_line(update.model.display_name, update.took), done=True)
-                    break
-                update = await self.switcher.next_update(call.ticket, config.switch.keepalive_every)
-            assert isinstance(update, Granted)
-            try:
-                resp = await self._open(call, update.backend)
-            except httpx.HTTPError as e:
-                call.status = 502
-                body = unreachable(config, update.model, update.backend, e)["error"]
-                yield writer.error(body["message"], body["code"])
-                yield DONE
-                return
-            if resp.status_code != 200:
-                call.status = resp.status_code
-                text = (await resp.aread()).decode("utf-8", "replace")[:2000]
-                await resp.aclose()
-                yield writer.error(f"{call.model_id}: the backend answered HTTP {resp.status_code}: {text}",
-                                   "backend_error")
-                yield DONE
-                return
-            tap = StreamTap(writer, stats=config.stats and call.chat, client_usage=call.client_usage, rewrite_id=True,
-                            drop_role=writer.role_sent)
-            writer.role_sent = True
-            async with contextlib.aclosing(self._pipe(call, resp, tap)) as pipe:
-                async for piece in pipe:
-                    yield piece
-        finally:
-            self._finish(call)
+            resp = await self._open(call, update.backend)
+        except httpx.HTTPError as e:
+            call.status = 502
+            body = unreachable(config, update.model, update.backend, e)["error"]
+            yield writer.error(body["message"], body["code"])
+            yield DONE
+            return
+        if resp.status_code != 200:
+            call.status = resp.status_code
+            text = (await resp.aread()).decode("utf-8", "replace")[:2000]
+            await resp.aclose()
+            yield writer.error(f"{call.model_id}: the backend answered HTTP {resp.status_code}: {text}",
+                               "backend_error")
+            yield DONE
+            return
+        tap = StreamTap(writer, stats=config.stats and call.chat, client_usage=call.client_usage, rewrite_id=True,
+                        drop_role=writer.role_sent)
+        writer.role_sent = True
+        async with contextlib.aclosing(self._pipe(call, resp, tap)) as pipe:
+            async for piece in pipe:
+                yield piece
 
     def _finish(self, call: Call, status: int | None = None) -> None:
         """The call is over: release its ticket and log one line (once, whichever path gets here first)."""

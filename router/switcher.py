@@ -94,7 +94,7 @@ class Switcher:
         self._inbox: dict[int, asyncio.Queue[Update]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_task: asyncio.Task[None] | None = None
-        self._switch_task: asyncio.Task[None] | None = None
+        self._switch_task: asyncio.Task[Any] | None = None
         self._unit_changed = asyncio.Event()
 
     @property
@@ -134,10 +134,11 @@ class Switcher:
     def _post(self, handler: Callable[..., None], *args: Any) -> None:
         self._events.put_nowait((handler, args))
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # --- what request handlers call -----------------------------------------------------------
 
@@ -210,10 +211,7 @@ class Switcher:
         model = config.models.get(plan.target or "")
         timeout = config.load_timeout_of(model) if model else config.switch.stop_timeout
         self.run_info = SwitchRun(plan, self._display(plan.target), timeout)
-        self._switch_task = asyncio.create_task(self._execute(plan, config, self.run_info),
-                                                name=f"switch-{plan.target}")
-        self._tasks.add(self._switch_task)
-        self._switch_task.add_done_callback(self._tasks.discard)
+        self._switch_task = self._spawn(self._execute(plan, config, self.run_info), f"switch-{plan.target}")
 
     def abort_switch(self) -> None:
         if self.run_info is not None and self._switch_task is not None and not self._switch_task.done():
@@ -385,8 +383,7 @@ class Switcher:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._unit_changed.wait(), pause)
         state = await self.systemd.state(unit)
-        lines = await journal.tail(state.invocation_id, pid=state.exec_main_pid,
-                                    since_us=state.exec_main_start_us)
+        lines = await journal_tail(state)
         self._phase(run, "stopping", unit=unit, reason="load_timeout")
         await self.systemd.stop(unit, config.switch.stop_timeout + 5)
         return LoadFailure(model.id, unit,
@@ -397,8 +394,7 @@ class Switcher:
     async def _unit_failure(self, model: Model, unit: str, what: str,
                             state: UnitState | None = None) -> LoadFailure:
         state = state or await self.systemd.state(unit)
-        lines = await journal.tail(state.invocation_id, pid=state.exec_main_pid,
-                                    since_us=state.exec_main_start_us)
+        lines = await journal_tail(state)
         return LoadFailure(model.id, unit, f"{what}.",
                            f"Fix the model's command in models.yml or the backend; `{self.config.journalctl(unit)}` "
                            "has the whole log.", tuple(lines))
@@ -411,6 +407,11 @@ class Switcher:
         with contextlib.suppress(SystemdError):
             state = await self.systemd.state(unit)
             self._post(self.scheduler.on_unit_state, unit, state.active_state)
+
+
+async def journal_tail(state: UnitState) -> list[str]:
+    """The last journal lines of the unit's latest run (matched by invocation, and by PID since start)."""
+    return await journal.tail(state.invocation_id, pid=state.exec_main_pid, since_us=state.exec_main_start_us)
 
 
 def describe(state: UnitState) -> str:
