@@ -54,6 +54,30 @@ class SwitchSettings:
     status_channel: Literal["event", "reasoning", "content", "none"] = "event"
     keepalive_every: float = 2.0  # seconds between ": loading" SSE comments while a client waits
     health_interval: float = 0.25  # seconds between health polls while a unit loads
+    max_wait: float = 60.0  # once a request has waited this long for another model, the loaded one takes no new ones
+    linger: float = 2.0  # keep the loaded model this long after its last response for more requests for it
+    failure_cooldown: float = 30.0  # a model whose load failed fails at once for this long
+    max_queue: int = 256  # requests waiting for a model, past it: 429
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Upstream timeouts, seconds (`timeouts:` in config.yml)."""
+
+    connect: float = 5.0  # TCP connect to the engine
+    first_byte: float = 600.0  # request sent -> the engine's response headers
+    idle: float = 120.0  # no byte from the engine while an answer streams
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may send or hold (`limits:` in config.yml)."""
+
+    max_body_bytes: int = 32 * 1024 * 1024  # request body, past it: 413
+    max_header_bytes: int = 64 * 1024  # all request headers together, past it: 431
+    idle_connection: float = 5.0  # seconds a keep-alive connection may sit without a request
+    header_timeout: float = 10.0  # seconds a client has to send its request head (slowloris)
+    max_connections: int = 4096  # open client connections; past it new ones wait/are refused
 
 
 @dataclass(frozen=True)
@@ -92,8 +116,17 @@ class Config:
     switch: SwitchSettings = field(default_factory=SwitchSettings)
     stats: bool = True
     api_key: str | None = None
+    api_keys: tuple[str, ...] = ()  # more client keys (config.yml api_keys, LLM_ROUTER_API_KEYS_FILE)
+    admin_api_keys: tuple[str, ...] = ()  # when set, only these open /admin/*
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
     backends: Mapping[str, Backend] = field(default_factory=dict)
     models: Mapping[str, Model] = field(default_factory=dict)
+
+    @property
+    def client_keys(self) -> tuple[str, ...]:
+        """Every key a client may send; empty: no key needed."""
+        return ((self.api_key,) if self.api_key else ()) + self.api_keys
 
     def backend_of(self, model: Model) -> Backend:
         return self.backends[model.backend]
