@@ -24,6 +24,7 @@ from router.atomicfile import remove_file, write_atomic
 from router.backendconf import read_model_name, set_model_name
 from router.chunks import loading_line, switching_line
 from router.config import Backend, Config, Model
+from router.events import EventBus
 from router.execstart import DROPIN_NAME, dropin_model_id, needs_dropin, render_dropin
 from router.plan import Plan
 from router.scheduler import LoadFailure, Scheduler, Switch, Ticket
@@ -86,6 +87,7 @@ class Switcher:
         self.systemd = systemd
         self.http = http
         self.scheduler = Scheduler(config, self)
+        self.events = EventBus()  # typed events for metrics, /events and history (router/events.py)
         self.run_info: SwitchRun | None = None
         self.last_switch: dict[str, Any] | None = None
         self.config_loaded_at = time.time()
