@@ -19,9 +19,11 @@ from starlette.routing import Route
 from router import gpu
 from router.chunks import error_body, strip_history
 from router.proxy import Call, Relay, upstream_headers
-from router.switcher import Failed, Granted, Status, Switcher
+from router.scheduler import PRIORITIES
+from router.switcher import Failed, Granted, Status, Switcher, failure_status
 
 Handler = Callable[[Request], Awaitable[Response]]
+HEALTH_HEARTBEAT = 2.0  # seconds the run loop has to answer /health
 
 
 def bad_request(message: str, code: str, param: str | None = None) -> JSONResponse:
@@ -107,10 +109,13 @@ class Api:
         if stream and config.stats and not client_usage and required == "messages":
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
             changed = True
+        priority = PRIORITIES.get(request.headers.get("x-request-priority", "normal").strip().lower())
+        if priority is None:
+            return bad_request("X-Request-Priority must be high, normal or low.", "invalid_header")
         upstream = json.dumps(body, ensure_ascii=False).encode() if changed else raw
         call = Call(path=path, model_id=model_id, body=upstream,
                     headers=upstream_headers(request, drop_auth=bool(config.api_key)),
-                    stream=stream, client_usage=client_usage, ticket=self.switcher.submit(model_id))
+                    stream=stream, client_usage=client_usage, ticket=self.switcher.submit(model_id, priority))
         try:
             return await self.relay.handle(request, call)
         except BaseException:
@@ -120,16 +125,29 @@ class Api:
     # --- router endpoints ---------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
-        active = self.switcher.scheduler.active
+        """Liveness that tells the truth: 503 with the reason when the run loop is stalled or systemd is
+        unreachable; the backend's own health is reported, not judged (a model may simply be unloaded)."""
+        switcher = self.switcher
+        problems = []
+        if not await switcher.heartbeat(timeout=HEALTH_HEARTBEAT):
+            problems.append(f"the router's run loop did not answer within {HEALTH_HEARTBEAT:g} s "
+                            "(requests are not being scheduled)")
+        if not getattr(switcher.systemd, "connected", True):
+            problems.append(f"systemd is not reachable over D-Bus: {getattr(switcher.systemd, 'last_error', '')}")
+        active = switcher.scheduler.active
         healthy: bool | None = None
-        if active is not None:
-            backend = self.switcher.config.backend_of(self.switcher.config.models[active])
+        if active is not None and active in switcher.config.models:
+            backend = switcher.config.backend_of(switcher.config.models[active])
             try:
                 r = await self.http.get(backend.url + backend.health, timeout=1.0)
                 healthy = r.status_code == 200
             except httpx.HTTPError:
                 healthy = False
-        return JSONResponse({"status": "ok", "active_model": active, "backend_healthy": healthy})
+        body: dict[str, Any] = {"status": "ok" if not problems else "unavailable", "active_model": active,
+                                "backend_healthy": healthy}
+        if problems:
+            body["problems"] = problems
+        return JSONResponse(body, status_code=503 if problems else 200)
 
     async def status(self, request: Request) -> Response:
         s = self.switcher.scheduler
@@ -197,7 +215,8 @@ class Api:
         finally:
             self.switcher.done(ticket)
         if isinstance(update, Failed):
-            return JSONResponse(error_body(update.message, update.error.code, "server_error"), status_code=503)
+            return JSONResponse(error_body(update.message, update.error.code, "server_error"),
+                                status_code=failure_status(update.error))
         return JSONResponse({"unloaded": before})
 
 

@@ -16,6 +16,7 @@ import uvicorn
 from router import notify
 from router.app import create_app
 from router.config import Config, ConfigError, load_config
+from router.executor import HealthProbe
 from router.switcher import Switcher
 from router.systemd import Systemd, SystemdError, bus_address
 
@@ -38,6 +39,17 @@ def _stop(server: uvicorn.Server) -> None:
     server.should_exit = True
 
 
+def make_probe(http: httpx.AsyncClient) -> HealthProbe:
+    """The switcher's health check: GET url, True on 200."""
+    async def probe(url: str, timeout: float) -> bool:
+        try:
+            return (await http.get(url, timeout=timeout)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return probe
+
+
 def make_http() -> httpx.AsyncClient:
     """One pooled client for all engines: warm keep-alive connections, no read timeout on streams."""
     return httpx.AsyncClient(
@@ -56,7 +68,7 @@ async def serve(config_dir: Path) -> int:
         return 2
     http = make_http()
     switcher = Switcher(config, Systemd(bus_address(config.systemd.bus), lambda: set(
-        switcher.config.managed_units())), http)
+        switcher.config.managed_units())), make_probe(http))
     try:
         await switcher.start()
     except SystemdError as e:
@@ -83,7 +95,7 @@ async def serve(config_dir: Path) -> int:
                  models=len(config.models), bus=config.systemd.bus)
         notify.notify(f"READY=1\nSTATUS=listening on {config.listen.host}:{config.listen.port}")
         watchdog = notify.watchdog_interval()
-        feeder = asyncio.create_task(_feed_watchdog(watchdog)) if watchdog else None
+        feeder = asyncio.create_task(_feed_watchdog(switcher, watchdog)) if watchdog else None
     await serving
     notify.notify("STOPPING=1")
     if feeder is not None:
@@ -118,9 +130,18 @@ def _keep_fixed(config: Config, old: Config) -> Config:
     return replace(config, listen=old.listen, systemd=old.systemd)
 
 
-async def _feed_watchdog(every: float) -> None:
+async def _feed_watchdog(switcher: Switcher, every: float) -> None:
+    """Feed systemd's watchdog only while the run loop answers its heartbeat: a wedged or dead owner
+    of state gets the router restarted instead of a daemon that accepts requests and never answers."""
+    missed = 0
     while True:
-        notify.notify("WATCHDOG=1")
+        if await switcher.heartbeat(timeout=every):
+            notify.notify("WATCHDOG=1")
+            missed = 0
+        else:
+            missed += 1
+            log.error("run_loop_stalled", missed=missed, hint="not feeding the watchdog: systemd will restart "
+                      "the router if this goes on")
         await asyncio.sleep(every)
 
 

@@ -87,6 +87,10 @@ class EventBus:
     def __init__(self) -> None:
         self._observers: list[Observer] = []
 
+    @property
+    def has_observers(self) -> bool:
+        return bool(self._observers)
+
     def subscribe(self, observer: Observer) -> Callable[[], None]:
         """Add an observer; returns the function that removes it."""
         self._observers.append(observer)

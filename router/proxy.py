@@ -23,13 +23,14 @@ from router.chunks import DONE, KEEPALIVE, ChunkWriter, error_body, failed_line,
 from router.config import Backend, Config, Model
 from router.scheduler import Ticket
 from router.streamtap import StreamTap
-from router.switcher import Failed, Granted, Status, Switcher, Update
+from router.switcher import Failed, Granted, Status, Switcher, Update, failure_status
 
 log = structlog.get_logger("router.proxy")
 
 # Headers that belong to one hop, or that the relay sets itself.
 _HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
         "proxy-authorization", "proxy-connection", "trailer", "accept-encoding", "content-encoding"}
+RETRY_AFTER = 5  # seconds, with a 429 (queue full)
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
@@ -119,11 +120,17 @@ class Relay:
         while not isinstance(update, (Granted, Failed)):
             update = await self.switcher.next_update(call.ticket)
         if isinstance(update, Failed):
-            self._finish(call, status=503)
-            return JSONResponse(error_body(update.message, update.error.code, "server_error", "model"),
-                                status_code=503)
+            return self._failed(call, update)
         call.waited = time.monotonic() - call.started
         return await self._direct(call, update)
+
+    def _failed(self, call: Call, failed: Failed) -> Response:
+        status = failure_status(failed.error)
+        self._finish(call, status=status)
+        kind = "invalid_request_error" if status in (404, 429) else "server_error"
+        headers = {"retry-after": str(RETRY_AFTER)} if status == 429 else None
+        return JSONResponse(error_body(failed.message, failed.error.code, kind, "model"), status_code=status,
+                            headers=headers)
 
     # --- the model is loaded: straight through ------------------------------------------------
 
@@ -183,7 +190,7 @@ class Relay:
                 if chunk:
                     yield chunk
             elif isinstance(update, Failed):
-                call.status = 503
+                call.status = failure_status(update.error)
                 yield writer.status(failed_line(update.display, update.error.what.rstrip(".")), done=True)
                 yield writer.error(update.message, update.error.code)
                 yield DONE

@@ -1,9 +1,12 @@
-"""Switcher: the one owner of switching state; runs the scheduler's loop and carries out its plans.
+"""Switcher: the one owner of switching state; runs the scheduler's loop and starts plans' execution.
 
-Request handlers `submit()` a ticket and read what happens to it from `updates(ticket)`:
+Request handlers `submit()` a ticket and read what happens to it with `next_update(ticket)`:
 `Status` lines while a switch runs, then `Granted` or `Failed`. Every state change goes through
 one asyncio queue and one task (`_run`), so switches never interleave and nothing needs a lock.
-The slow work of a plan (D-Bus, files, health polls) runs as a task that reports back as an event.
+Carrying out a plan (D-Bus, files, health polls) is router/executor.py's, run as a task whose end
+the run loop observes (a done-callback), so no cancellation can lose it. Nothing ends the run loop:
+an error in an event handler is logged and fails only the ticket involved; `heartbeat()` proves it
+turns (the watchdog and /health ask it).
 """
 
 from __future__ import annotations
@@ -11,24 +14,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import structlog
 
-from router import journal
-from router.atomicfile import remove_file, write_atomic
-from router.backendconf import read_model_name, set_model_name
-from router.chunks import loading_line, switching_line
+from router.backendconf import read_model_name
+from router.chunks import switching_line
 from router.config import Backend, Config, Model
-from router.events import EventBus
-from router.execstart import DROPIN_NAME, dropin_model_id, needs_dropin, render_dropin
-from router.plan import Plan
+from router.events import EventBus, ModelState, QueueDepth, SwitchEnded, SwitchProgress
+from router.execstart import DROPIN_NAME, dropin_model_id, needs_dropin
+from router.executor import HealthProbe, PlanExecutor, SwitchRun
 from router.scheduler import LoadFailure, Scheduler, Switch, Ticket
-from router.systemd import Systemd, SystemdError, UnitState
+from router.systemd import SystemdError
 
 log = structlog.get_logger("router.switcher")
 
@@ -63,41 +64,39 @@ class Failed:
 
 Update = Status | Granted | Unloaded | Failed
 
+# HTTP status for a failure code (anything else: 503)
+FAILURE_STATUS = {"model_not_found": 404, "queue_full": 429, "internal_error": 500}
 
-@dataclass
-class SwitchRun:
-    """Progress of the switch in flight, published for status lines and /status."""
 
-    plan: Plan
-    display: str
-    timeout: float
-    started: float = field(default_factory=time.monotonic)
-    phase: str = "stopping"
-    load_started: float | None = None
-    aborted: bool = False  # cut short by the scheduler (abort_switch), not by a shutdown
-
-    def loading_text(self) -> str:
-        return loading_line(self.display, time.monotonic() - (self.load_started or self.started), self.timeout)
+def failure_status(error: LoadFailure) -> int:
+    return FAILURE_STATUS.get(error.code, 503)
 
 
 class Switcher:
     """Owns the scheduler and the switch in flight; the only place where switching state changes."""
 
-    def __init__(self, config: Config, systemd: Systemd, http: httpx.AsyncClient) -> None:
+    def __init__(self, config: Config, systemd: Any, probe: HealthProbe,
+                 clock: Callable[[], float] = time.monotonic,
+                 port_holder: Callable[[str, int], str | None] | None = None) -> None:
         self.systemd = systemd
-        self.http = http
-        self.scheduler = Scheduler(config, self)
+        self.clock = clock
+        self.scheduler = Scheduler(config, self, clock)
+        self.executor = PlanExecutor(systemd, probe, self, clock, port_holder)
         self.events = EventBus()  # typed events for metrics, /events and history (router/events.py)
         self.run_info: SwitchRun | None = None
         self.last_switch: dict[str, Any] | None = None
         self.config_loaded_at = time.time()
         self.reload_error: list[str] | None = None  # problems of the last rejected reload, until a good one
+        self.handler_errors = 0  # exceptions caught in event handlers (each one a bug)
         self._events: asyncio.Queue[tuple[Callable[..., None], tuple[Any, ...]]] = asyncio.Queue()
         self._inbox: dict[int, asyncio.Queue[Update]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._switch_task: asyncio.Task[Any] | None = None
-        self._unit_changed = asyncio.Event()
+        self._closing = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._seen: tuple[Any, ...] = (None, None, 0)
 
     @property
     def config(self) -> Config:
@@ -108,6 +107,8 @@ class Switcher:
     async def start(self) -> None:
         """Connect to systemd, adopt a model that is already running, and start the run loop."""
         self.systemd.on_unit_change = self._on_unit_change
+        if hasattr(self.systemd, "on_reconnect"):
+            self.systemd.on_reconnect = self._on_reconnect
         await self.systemd.open()
         units = self.config.managed_units()
         await self.systemd.watch(units)
@@ -115,23 +116,76 @@ class Switcher:
         running = {u for u, s in states.items() if s.is_running}
         adopt = find_running_model(self.config, running)
         log.info("startup", running=sorted(running), adopt=adopt)
-        self._loop_task = asyncio.create_task(self._run(), name="switcher")
+        self._start_loop()
         self._post(self.scheduler.on_startup, running, adopt)
 
     async def close(self) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
         for task in [*self._tasks, self._loop_task]:
             if task is not None:
                 task.cancel()
         await asyncio.gather(*[t for t in [*self._tasks, self._loop_task] if t], return_exceptions=True)
         await self.systemd.close()
 
+    @property
+    def alive(self) -> bool:
+        """The run loop is running (it is restarted at once should it ever end)."""
+        return self._loop_task is not None and not self._loop_task.done()
+
+    async def heartbeat(self, timeout: float) -> bool:
+        """True when the run loop handles an event within `timeout` seconds: it turns, it is not stuck."""
+        if not self.alive:
+            return False
+        answered = asyncio.get_running_loop().create_future()
+        self._post(_answer, answered)
+        try:
+            await asyncio.wait_for(answered, timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def _start_loop(self) -> None:
+        self._loop_task = asyncio.create_task(self._run(), name="switcher")
+        self._loop_task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if self._closing:
+            return
+        error = None if task.cancelled() else task.exception()
+        log.error("run_loop_ended", error=repr(error), hint="restarted; this is a bug, please report it")
+        self._start_loop()
+
     async def _run(self) -> None:
         while True:
             handler, args = await self._events.get()
             try:
                 handler(*args)
-            except Exception:  # a bug must not kill the owner of all state: log it and go on
-                log.exception("scheduler_error", event=getattr(handler, "__name__", "?"))
+                self._observe()
+            except Exception as e:  # a bug must not kill the owner of all state: log it and go on
+                self._handler_failed(handler, args, e)
+
+    def _handler_failed(self, handler: Callable[..., None], args: tuple[Any, ...], error: Exception) -> None:
+        self.handler_errors += 1
+        log.error("scheduler_error", handler=getattr(handler, "__name__", repr(handler)), error=repr(error),
+                  traceback="".join(traceback.format_exception(error)))
+        for ticket in [a for a in args if isinstance(a, Ticket)]:
+            with contextlib.suppress(Exception):
+                self._forget(ticket)
+                if not ticket.granted:
+                    ticket.ended = True
+                    self.fail(ticket, LoadFailure(
+                        ticket.model or "", None, f"the router hit an internal error: {error!r}.",
+                        "See the router's journal and report it; asking again may work.",
+                        code="internal_error", cooldown=False))
+
+    def _forget(self, ticket: Ticket) -> None:
+        s = self.scheduler
+        if ticket in s.queue:
+            s.queue.remove(ticket)
+        if s.switch is not None and ticket in s.switch.waiters:
+            s.switch.waiters.remove(ticket)
 
     def _post(self, handler: Callable[..., None], *args: Any) -> None:
         self._events.put_nowait((handler, args))
@@ -144,8 +198,8 @@ class Switcher:
 
     # --- what request handlers call -----------------------------------------------------------
 
-    def submit(self, model: str | None) -> Ticket:
-        ticket = Ticket(model)
+    def submit(self, model: str | None, priority: int = 1) -> Ticket:
+        ticket = Ticket(model, priority)
         self._inbox[ticket.id] = asyncio.Queue()
         self._post(self.scheduler.on_request, ticket)
         return ticket
@@ -167,15 +221,24 @@ class Switcher:
         self._post(self.scheduler.on_done, ticket)
 
     def reload(self, config: Config) -> None:
+        """Apply a new configuration; units it no longer manages are stopped if they run a router model."""
+        old = self.config
+        dropped = [u for u in old.managed_units() if u not in set(config.managed_units())]
+        orphans = {u for u in dropped if u in self.scheduler.running and router_loaded(old, u, self.scheduler.active)}
         self.config_loaded_at, self.reload_error = time.time(), None
-        self._post(self.scheduler.on_config, config)
+        if orphans:
+            log.warning("reload_orphans", units=sorted(orphans), action="stopping them: they run a model the "
+                        "router loaded and the new configuration no longer manages them")
+        self._post(self.scheduler.on_config, config, orphans)
         self._spawn(self.systemd.watch(config.managed_units()), "watch")
 
     def model_state(self, model_id: str) -> str:
         s = self.scheduler
         if s.switch is not None and s.switch.target == model_id:
             return "loading"
-        return "loaded" if s.active == model_id else "unloaded"
+        if s.active == model_id:
+            return "loaded"
+        return "failed" if model_id in s.cooldowns else "unloaded"
 
     # --- Effects: called by the scheduler, inside the run loop --------------------------------
 
@@ -208,201 +271,144 @@ class Switcher:
     def fail(self, ticket: Ticket, error: LoadFailure) -> None:
         self._send(ticket, Failed(error, self._display(ticket.model)))
 
-    def start_switch(self, plan: Plan) -> None:
+    def wake_at(self, when: float) -> None:
+        if self._timer is not None and self._timer_at is not None and self._timer_at <= when:
+            return  # an earlier (or the same) wake-up is already set; on_tick asks again if needed
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = asyncio.get_running_loop().call_later(max(when - self.clock(), 0.0), self._tick)
+
+    def _tick(self) -> None:
+        self._timer = self._timer_at = None
+        self._post(self.scheduler.on_tick)
+
+    def start_switch(self, switch: Switch) -> None:
         config = self.config
+        plan = switch.plan
         model = config.models.get(plan.target or "")
         timeout = config.load_timeout_of(model) if model else config.switch.stop_timeout
-        self.run_info = SwitchRun(plan, self._display(plan.target), timeout)
-        self._switch_task = self._spawn(self._execute(plan, config, self.run_info), f"switch-{plan.target}")
+        run = SwitchRun(plan, self._display(plan.target), timeout, switch_id=switch.id, clock=self.clock)
+        self.run_info = run
+        task = self._spawn(self._execute(plan, config, run), f"switch-{plan.target}")
+        task.add_done_callback(lambda t: self._switch_task_ended(t, switch, run))
+        self._switch_task = task
 
     def abort_switch(self) -> None:
         if self.run_info is not None and self._switch_task is not None and not self._switch_task.done():
             self.run_info.aborted = True
             self._switch_task.cancel()
 
-    # --- carrying out a plan ------------------------------------------------------------------
+    # --- the switch task and its end ----------------------------------------------------------
 
-    async def _execute(self, plan: Plan, config: Config, run: SwitchRun) -> None:
-        log.info("switch_start", target=plan.target, stop=list(plan.stop), start=plan.start, adopt=plan.adopt)
+    async def _execute(self, plan: Any, config: Config, run: SwitchRun) -> tuple[LoadFailure | None, set[str]]:
+        log.info("switch_start", switch_id=run.switch_id, target=plan.target, stop=list(plan.stop),
+                 start=plan.start, adopt=plan.adopt)
         try:
-            error = await self._carry_out(plan, config, run)
+            error = await self.executor.carry_out(plan, config, run)
         except asyncio.CancelledError:
             if not run.aborted:
                 raise  # the router is shutting down: leave the unit as it is
             uncancel = getattr(asyncio.current_task(), "uncancel", None)  # Python >= 3.11
             if uncancel is not None:
                 uncancel()  # the cancellation is handled here: later awaits and timeouts work as usual
-            error = await self._abandon(plan, config, run)
-        except SystemdError as e:
-            error = LoadFailure(plan.target or "", plan.start, f"systemd did not do what was asked: {e}.",
-                                "Check that the router may manage this unit (root on the system bus).")
+            error = await self.executor.abandon(plan, config, run)
         except Exception as e:
             log.exception("switch_crashed", target=plan.target)
             error = LoadFailure(plan.target or "", plan.start, f"the router hit an internal error: {e!r}.",
-                                "See the router's own journal and report it.")
+                                "See the router's own journal and report it.", code="internal_error",
+                                cooldown=False)
+        return error, await self._running_units(config)
+
+    async def _running_units(self, config: Config) -> set[str]:
         try:
             states = await self.systemd.states(config.managed_units())
-            running = {u for u, s in states.items() if s.is_running}
+            return {u for u, s in states.items() if s.is_running}
         except SystemdError:
-            running = set(self.scheduler.running)
-        took = time.monotonic() - run.started
-        if plan.target is not None:  # /status's last_switch describes the last load, not an unload
-            self.last_switch = {"target": plan.target, "ok": error is None, "took": round(took, 3),
-                                "error": error.message(run.display) if error else None}
-        if error is None:
-            log.info("switch_done", target=plan.target, took=round(took, 3))
+            return set(self.scheduler.running)
+
+    def _switch_task_ended(self, task: asyncio.Task[Any], switch: Switch, run: SwitchRun) -> None:
+        """The owner's view of a switch's end: whatever way the task ended, the scheduler hears of it once."""
+        if self._closing:
+            return
+        running = set(self.scheduler.running)
+        if task.cancelled():
+            error: LoadFailure | None = LoadFailure(switch.target or "", switch.plan.start,
+                                                    "was cut short.", code="model_load_abandoned", cooldown=False)
+        elif task.exception() is not None:
+            e = task.exception()
+            log.error("switch_task_failed", target=switch.target, error=repr(e))
+            error = LoadFailure(switch.target or "", switch.plan.start, f"the router hit an internal error: {e!r}.",
+                                "See the router's own journal and report it.", code="internal_error",
+                                cooldown=False)
         else:
-            log.error("switch_failed", target=plan.target, took=round(took, 3), error=error.message(run.display))
-        self.run_info = None
-        self._post(self._switch_done, error, running)
+            error, running = task.result()
+        took = run.elapsed()
+        display = run.display
+        if switch.target is not None:  # /status's last_switch describes the last load, not an unload
+            self.last_switch = {"target": switch.target, "ok": error is None, "took": round(took, 3),
+                                "error": error.message(display) if error else None}
+        if error is None:
+            log.info("switch_done", switch_id=switch.id, target=switch.target, took=round(took, 3))
+        else:
+            log.error("switch_failed", switch_id=switch.id, target=switch.target, took=round(took, 3),
+                      error=error.message(display))
+        outcome = "ok" if error is None else ("aborted" if error.code == "model_load_abandoned" else "failed")
+        self.events.emit(SwitchEnded(switch.id, self._seen[0], switch.target, outcome, round(took, 3),
+                                     run.load_seconds, error.message(display) if error else None))
+        if error is not None and switch.target is not None:
+            self.events.emit(ModelState(switch.target, "failed", switch.plan.start, error.message(display)))
+        if self.run_info is run:
+            self.run_info = None
+        self._post(self.scheduler.on_switch_done, switch.id, error, running)
 
-    async def _abandon(self, plan: Plan, config: Config, run: SwitchRun) -> LoadFailure:
-        """Every client of this load left while another model waits: stop what was being started."""
-        log.info("switch_abandoned", target=plan.target, phase=run.phase,
-                 elapsed=round(time.monotonic() - run.started, 3))
-        if plan.start is not None:
-            with contextlib.suppress(SystemdError):  # what is still running shows in the states read next
-                await self.systemd.stop(plan.start, config.switch.stop_timeout + 5)
-        return LoadFailure(plan.target or "", plan.start,
-                           "was no longer waited for: its clients left and another model was asked for.",
-                           code="model_load_abandoned")
+    # --- Progress: called by the executor ----------------------------------------------------
 
-    def _switch_done(self, error: LoadFailure | None, running: set[str]) -> None:
-        self.scheduler.on_switch_done(error, running)
+    def phase(self, run: SwitchRun, phase: str, **fields: Any) -> None:
+        log.info("switch_phase", switch_id=run.switch_id, target=run.plan.target, phase=phase,
+                 elapsed=round(run.elapsed(), 3), **fields)
+        run.phase = phase
+        self.events.emit(SwitchProgress(run.switch_id, run.plan.target, phase, round(run.elapsed(), 3)))
 
-    def _broadcast(self, run: SwitchRun) -> None:
+    def loading(self, run: SwitchRun) -> None:
         """Send the current "Loading…" line to every request waiting for this switch."""
         switch = self.scheduler.switch
         if switch is not None and switch.plan is run.plan:
             text = run.loading_text()
             for ticket in switch.waiters:
                 self._send(ticket, Status(text))
+            self.events.emit(SwitchProgress(run.switch_id, run.plan.target, run.phase, round(run.elapsed(), 3),
+                                            text))
 
-    async def _tick(self, run: SwitchRun, every: float) -> None:
-        while True:
-            await asyncio.sleep(every)
-            self._broadcast(run)
+    # --- observers ----------------------------------------------------------------------------
 
-    def _phase(self, run: SwitchRun, phase: str, **fields: Any) -> None:
-        log.info("switch_phase", target=run.plan.target, phase=phase,
-                 elapsed=round(time.monotonic() - run.started, 3), **fields)
-        run.phase = phase
+    def _observe(self) -> None:
+        """After each event: tell observers what changed (loaded model, load started, queue)."""
+        s = self.scheduler
+        target = s.switch.target if s.switch is not None else None
+        waiting = len(s.queue) + (len(s.switch.waiters) if s.switch is not None else 0)
+        seen = (s.active, target, waiting)
+        if seen == self._seen:
+            return
+        old_active, old_target, old_waiting = self._seen
+        self._seen = seen
+        if not self.events.has_observers:
+            return
+        if s.active != old_active:
+            if old_active is not None:
+                self.events.emit(ModelState(old_active, "unloaded"))
+            if s.active is not None:
+                self.events.emit(ModelState(s.active, "loaded", self.config.unit_of(self.config.models[s.active])))
+        if target is not None and target != old_target:
+            self.events.emit(ModelState(target, "loading", s.switch.plan.start if s.switch else None))
+        if waiting != old_waiting:
+            counts, oldest = s.waiting_counts()
+            self.events.emit(QueueDepth(counts, oldest))
 
-    async def _carry_out(self, plan: Plan, config: Config, run: SwitchRun) -> LoadFailure | None:
-        target = plan.target or ""
-        for unit in plan.stop:
-            self._phase(run, "stopping", unit=unit)
-            result = await self.systemd.stop(unit, config.switch.stop_timeout + 5)
-            state = await self.systemd.state(unit)
-            if state.is_running or result not in ("done", "canceled"):
-                return LoadFailure(target, unit, f"did not stop (job {result}, state {state.active_state}).",
-                                   f"Check `{config.journalctl(unit)}`; the unit may need a shorter TimeoutStopSec.")
-        if plan.target is None:
-            return None
-        model = config.models[plan.target]
-        backend = config.backend_of(model)
-        unit = config.unit_of(model)
-        if not plan.adopt:
-            error = await self._rewrite(plan, config, model, run)
-            if error is not None:
-                return error
-            self._phase(run, "starting", unit=unit)
-            await self.systemd.reset_failed(unit)
-            result = await self.systemd.start(unit, config.load_timeout_of(model))
-            if result != "done":
-                return await self._unit_failure(model, unit, f"did not start (job result {result})")
-        self._phase(run, "loading", unit=unit)
-        run.load_started = time.monotonic()
-        self._broadcast(run)
-        ticker = asyncio.create_task(self._tick(run, config.switch.status_every))
-        try:
-            error = await self._wait_healthy(model, backend, unit, config, run)
-        finally:
-            ticker.cancel()
-        if error is not None:
-            return error
-        warmup = config.warmup_of(model)
-        if warmup > 0:
-            self._phase(run, "warmup", seconds=warmup)
-            await asyncio.sleep(warmup)
-        return None
-
-    async def _rewrite(self, plan: Plan, config: Config, model: Model, run: SwitchRun) -> LoadFailure | None:
-        unit = config.unit_of(model)
-        self._phase(run, "writing", unit=unit)
-        if plan.dropin is not None:
-            path = config.systemd.dropin_dir / f"{plan.dropin}.d" / DROPIN_NAME
-            try:
-                if needs_dropin(model):
-                    write_atomic(path, render_dropin(model))
-                else:
-                    remove_file(path)
-            except OSError as e:
-                return LoadFailure(model.id, unit, f"cannot write the drop-in {path}: {e.strerror or e}.",
-                                   "Check the permissions of systemd.dropin_dir in config.yml.")
-        if plan.config_file is not None and model.model_name is not None:
-            try:
-                text = plan.config_file.read_text(encoding="utf-8")
-                write_atomic(plan.config_file, set_model_name(text, model.model_name))
-            except (OSError, ValueError) as e:
-                return LoadFailure(model.id, unit, f"cannot set model_name in {plan.config_file}: {e}.",
-                                   "Fix the file or its permissions; it was left as it was.")
-        self._phase(run, "reloading")
-        await self.systemd.reload()
-        if plan.dropin is not None and model.command is not None:
-            argv = await self.systemd.exec_start(unit)
-            # systemd keeps "$$" in the parsed argv and turns it into "$" only when it runs the command
-            if argv != [[arg.replace("$", "$$") for arg in model.command]]:
-                return LoadFailure(model.id, unit,
-                                   f"after the reload systemd would run {argv} instead of {list(model.command)}.",
-                                   f"Another drop-in overrides ExecStart=: see `{config.systemctl('cat', unit)}`.")
-        return None
-
-    async def _wait_healthy(self, model: Model, backend: Backend, unit: str, config: Config,
-                            run: SwitchRun) -> LoadFailure | None:
-        url = backend.url + backend.health
-        timeout = config.load_timeout_of(model)
-        deadline = (run.load_started or time.monotonic()) + timeout
-        polls = 0
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                r = await self.http.get(url, timeout=min(2.0, max(remaining, 0.1)))
-                if r.status_code == 200:
-                    return None
-            except httpx.HTTPError:
-                pass  # not listening yet
-            state = await self.systemd.state(unit)
-            if not state.is_running:
-                return await self._unit_failure(model, unit, f"exited while loading ({describe(state)})",
-                                                state)
-            self._unit_changed.clear()
-            # poll fast at first (small engines are up in tens of ms), then every health_interval
-            pause = min(config.switch.health_interval, 0.02 * 2 ** polls, max(deadline - time.monotonic(), 0))
-            polls += 1
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._unit_changed.wait(), pause)
-        state = await self.systemd.state(unit)
-        lines = await journal_tail(state)
-        self._phase(run, "stopping", unit=unit, reason="load_timeout")
-        await self.systemd.stop(unit, config.switch.stop_timeout + 5)
-        return LoadFailure(model.id, unit,
-                           f"did not answer {url} with 200 within {timeout:g}s; the unit was stopped.",
-                           "If the model needs longer, raise its load_timeout in models.yml; otherwise check "
-                           "the backend's url/health in config.yml and its log.", tuple(lines))
-
-    async def _unit_failure(self, model: Model, unit: str, what: str,
-                            state: UnitState | None = None) -> LoadFailure:
-        state = state or await self.systemd.state(unit)
-        lines = await journal_tail(state)
-        return LoadFailure(model.id, unit, f"{what}.",
-                           f"Fix the model's command in models.yml or the backend; `{self.config.journalctl(unit)}` "
-                           "has the whole log.", tuple(lines))
+    # --- systemd signals ----------------------------------------------------------------------
 
     def _on_unit_change(self, unit: str) -> None:
-        self._unit_changed.set()
+        self.executor.unit_changed.set()
         self._spawn(self._report_unit(unit), "unit-state")
 
     async def _report_unit(self, unit: str) -> None:
@@ -410,21 +416,30 @@ class Switcher:
             state = await self.systemd.state(unit)
             self._post(self.scheduler.on_unit_state, unit, state.active_state)
 
+    def _on_reconnect(self) -> None:
+        """D-Bus is back: re-read what runs, and adopt a model a broken-off load left running."""
+        self._spawn(self._resync(), "resync")
 
-async def journal_tail(state: UnitState) -> list[str]:
-    """The last journal lines of the unit's latest run (matched by invocation, and by PID since start)."""
-    return await journal.tail(state.invocation_id, pid=state.exec_main_pid, since_us=state.exec_main_start_us)
+    async def _resync(self) -> None:
+        config = self.config
+        with contextlib.suppress(SystemdError):
+            await self.systemd.watch(config.managed_units())
+            running = await self._running_units(config)
+            adopt = find_running_model(config, running)
+            log.info("systemd_resync", running=sorted(running), adopt=adopt)
+            self._post(self.scheduler.on_resync, running, adopt)
 
 
-def describe(state: UnitState) -> str:
-    """How a unit ended, in words: 'exited with status 2', 'killed by a signal', …"""
-    if state.result == "exit-code":
-        return f"exited with status {state.exec_main_status}"
-    if state.result in ("signal", "core-dump"):
-        return f"killed by signal {state.exec_main_status} (result {state.result})"
-    if state.result == "success":
-        return f"exited with status 0 (state {state.active_state})"
-    return f"result {state.result}, state {state.active_state}"
+def _answer(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def router_loaded(config: Config, unit: str, active: str | None) -> bool:
+    """Does this unit run a model the router loaded? (its active model, or the router's drop-in in it)"""
+    if active is not None and active in config.models and config.unit_of(config.models[active]) == unit:
+        return True
+    return dropin_model_id(_read(config.systemd.dropin_dir / f"{unit}.d" / DROPIN_NAME) or "") is not None
 
 
 def find_running_model(config: Config, running: set[str]) -> str | None:

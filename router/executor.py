@@ -1,0 +1,301 @@
+"""Plan executor: carries out one switch plan — stop units, write drop-ins, reload, start, wait healthy.
+
+It holds no scheduling state. The switcher runs `carry_out` as a task and observes its end; the
+executor only reports progress through a `Progress` object and returns a `LoadFailure` or None.
+Cancellation reaches it only between these steps' awaits; it never outlives its task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import structlog
+
+from router import journal
+from router.atomicfile import remove_file, write_atomic
+from router.backendconf import set_model_name
+from router.chunks import loading_line
+from router.config import Backend, Config, Model
+from router.execstart import DROPIN_NAME, needs_dropin, render_dropin
+from router.plan import Plan
+from router.scheduler import LoadFailure
+from router.systemd import SystemdError, UnitState
+
+log = structlog.get_logger("router.executor")
+
+HealthProbe = Callable[[str, float], Awaitable[bool]]  # GET url within timeout s: True on 200
+QUOTE_LIMIT = 300  # characters of an argv quoted in an error
+
+
+@dataclass
+class SwitchRun:
+    """Progress of the switch in flight, published for status lines and /status."""
+
+    plan: Plan
+    display: str
+    timeout: float
+    switch_id: int = 0
+    clock: Callable[[], float] = time.monotonic
+    started: float = 0.0
+    phase: str = "stopping"
+    load_started: float | None = None
+    load_seconds: float | None = None  # unit start -> healthy, once known
+    aborted: bool = False  # cut short by the scheduler (abort_switch), not by a shutdown
+    expected: float | None = None  # typical load time from history, for "20s/~45s"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.started:
+            self.started = self.clock()
+
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    def loading_text(self) -> str:
+        return loading_line(self.display, self.clock() - (self.load_started or self.started), self.timeout)
+
+
+class Progress(Protocol):
+    def phase(self, run: SwitchRun, phase: str, **fields: Any) -> None: ...
+    def loading(self, run: SwitchRun) -> None:
+        """Say the current "Loading…" line to every request waiting for this switch."""
+        ...
+
+
+class Systemdish(Protocol):
+    """What the executor needs of router.systemd.Systemd (a fake in tests)."""
+
+    async def reload(self) -> None: ...
+    async def state(self, name: str) -> UnitState: ...
+    async def exec_start(self, name: str) -> list[list[str]]: ...
+    async def start(self, name: str, timeout: float) -> str: ...
+    async def stop(self, name: str, timeout: float) -> str: ...
+    async def reset_failed(self, name: str) -> None: ...
+
+
+def quote_argv(argv: object, limit: int = QUOTE_LIMIT) -> str:
+    """An argv for an error message, cut to `limit` characters."""
+    text = repr(argv)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def backend_address(url: str) -> tuple[str, int] | None:
+    """The host and port a backend URL points at (http 80 and https 443 by default)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    return (parts.hostname or "127.0.0.1"), port
+
+
+class PlanExecutor:
+    """Carries out plans against systemd, the file system and the engines' health URLs."""
+
+    def __init__(self, systemd: Systemdish, probe: HealthProbe, progress: Progress,
+                 clock: Callable[[], float] = time.monotonic,
+                 port_holder: Callable[[str, int], str | None] | None = None) -> None:
+        self.systemd = systemd
+        self.probe = probe
+        self.progress = progress
+        self.clock = clock
+        self.port_holder = port_holder  # (host, port) -> "pid 12 (cmd)" when something listens there
+        self.unit_changed = asyncio.Event()  # set by the switcher on every PropertiesChanged
+
+    async def carry_out(self, plan: Plan, config: Config, run: SwitchRun) -> LoadFailure | None:
+        try:
+            return await self._steps(plan, config, run)
+        except SystemdError as e:
+            return systemd_failure(config, plan.target or "", plan.start, e)
+
+    async def abandon(self, plan: Plan, config: Config, run: SwitchRun) -> LoadFailure:
+        """The switch was cut short: stop what was being started."""
+        log.info("switch_abandoned", target=plan.target, phase=run.phase, elapsed=round(run.elapsed(), 3))
+        if plan.start is not None:
+            with contextlib.suppress(SystemdError):  # what is still running shows in the states read next
+                await self.systemd.stop(plan.start, config.switch.stop_timeout + 5)
+        return LoadFailure(plan.target or "", plan.start,
+                           "was no longer waited for: its clients left, or a reload removed it.",
+                           code="model_load_abandoned", cooldown=False)
+
+    async def _steps(self, plan: Plan, config: Config, run: SwitchRun) -> LoadFailure | None:
+        target = plan.target or ""
+        for unit in plan.stop:
+            self.progress.phase(run, "stopping", unit=unit)
+            result = await self.systemd.stop(unit, config.switch.stop_timeout + 5)
+            state = await self.systemd.state(unit)
+            if state.is_running or result not in ("done", "canceled"):
+                return LoadFailure(target, unit, f"did not stop (job {result}, state {state.active_state}).",
+                                   f"Check `{config.journalctl(unit)}`; the unit may need a shorter "
+                                   "TimeoutStopSec.", cooldown=False)
+        if plan.target is None:
+            return None
+        model = config.models[plan.target]
+        backend = config.backend_of(model)
+        unit = config.unit_of(model)
+        if not plan.adopt:
+            error = await self._rewrite(plan, config, model, run)
+            if error is not None:
+                return error
+            error = self._port_in_use(model, backend, unit)
+            if error is not None:
+                return error
+            self.progress.phase(run, "starting", unit=unit)
+            await self.systemd.reset_failed(unit)
+            result = await self.systemd.start(unit, config.load_timeout_of(model))
+            if result != "done":
+                return await self._unit_failure(config, model, unit, f"did not start (job result {result})",
+                                                transient=True)
+        self.progress.phase(run, "loading", unit=unit)
+        run.load_started = self.clock()
+        self.progress.loading(run)
+        ticker = asyncio.create_task(self._tick(run, config.switch.status_every))
+        try:
+            error = await self._wait_healthy(model, backend, unit, config, run)
+        finally:
+            ticker.cancel()
+        if error is not None:
+            return error
+        run.load_seconds = self.clock() - run.load_started
+        warmup = config.warmup_of(model)
+        if warmup > 0:
+            self.progress.phase(run, "warmup", seconds=warmup)
+            await asyncio.sleep(warmup)
+        return None
+
+    async def _tick(self, run: SwitchRun, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            self.progress.loading(run)
+
+    def _port_in_use(self, model: Model, backend: Backend, unit: str) -> LoadFailure | None:
+        """Something else listening on the engine's port would answer its health checks: refuse."""
+        address = backend_address(backend.url)
+        if self.port_holder is None or address is None:
+            return None
+        holder = self.port_holder(*address)
+        if holder is None:
+            return None
+        host, port = address
+        return LoadFailure(model.id, unit, f"cannot start: {host}:{port} (the backend's url) is already in use by "
+                           f"{holder}.", "Stop that process, or give the backend another port in config.yml "
+                           "and in the model's command.", code="port_in_use")
+
+    async def _rewrite(self, plan: Plan, config: Config, model: Model, run: SwitchRun) -> LoadFailure | None:
+        unit = config.unit_of(model)
+        self.progress.phase(run, "writing", unit=unit)
+        if plan.dropin is not None:
+            path = config.systemd.dropin_dir / f"{plan.dropin}.d" / DROPIN_NAME
+            try:
+                if needs_dropin(model):
+                    write_atomic(path, render_dropin(model))
+                else:
+                    remove_file(path)
+            except OSError as e:
+                return LoadFailure(model.id, unit, f"cannot write the drop-in {path}: {e.strerror or e}.",
+                                   "Check the permissions of systemd.dropin_dir in config.yml.")
+        if plan.config_file is not None and model.model_name is not None:
+            try:
+                text = plan.config_file.read_text(encoding="utf-8")
+                write_atomic(plan.config_file, set_model_name(text, model.model_name))
+            except (OSError, ValueError) as e:
+                return LoadFailure(model.id, unit, f"cannot set model_name in {plan.config_file}: {e}.",
+                                   "Fix the file or its permissions; it was left as it was.")
+        self.progress.phase(run, "reloading")
+        await self.systemd.reload()
+        if plan.dropin is not None and model.command is not None:
+            argv = await self.systemd.exec_start(unit)
+            # systemd keeps "$$" in the parsed argv and turns it into "$" only when it runs the command
+            if argv != [[arg.replace("$", "$$") for arg in model.command]]:
+                return LoadFailure(model.id, unit,
+                                   f"after the reload systemd would run {quote_argv(argv)} instead of "
+                                   f"{quote_argv(list(model.command))}.",
+                                   f"Another drop-in overrides ExecStart=: see `{config.systemctl('cat', unit)}`.")
+        return None
+
+    async def _wait_healthy(self, model: Model, backend: Backend, unit: str, config: Config,
+                            run: SwitchRun) -> LoadFailure | None:
+        url = backend.url + backend.health
+        timeout = config.load_timeout_of(model)
+        deadline = (run.load_started or self.clock()) + timeout
+        polls = 0
+        while True:
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                break
+            healthy = await self.probe(url, min(2.0, max(remaining, 0.1)))
+            state = await self.systemd.state(unit)
+            if not state.is_running or state.active_state == "deactivating":
+                return await self._gone_while_loading(config, model, unit, state)
+            if healthy:
+                # the unit is still up after its health check passed: the answer came from it, not from
+                # something else on its port that it failed to bind beside
+                return None
+            self.unit_changed.clear()
+            # poll fast at first (small engines are up in tens of ms), then every health_interval
+            pause = min(config.switch.health_interval, 0.02 * 2 ** polls, max(deadline - self.clock(), 0))
+            polls += 1
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.unit_changed.wait(), pause)
+        state = await self.systemd.state(unit)
+        lines = await journal_tail(state)
+        self.progress.phase(run, "stopping", unit=unit, reason="load_timeout")
+        await self.systemd.stop(unit, config.switch.stop_timeout + 5)
+        return LoadFailure(model.id, unit,
+                           f"did not answer {url} with 200 within {timeout:g}s; the unit was stopped.",
+                           "If the model needs longer, raise its load_timeout in models.yml; otherwise check "
+                           "the backend's url/health in config.yml and its log.", tuple(lines))
+
+    async def _gone_while_loading(self, config: Config, model: Model, unit: str, state: UnitState) -> LoadFailure:
+        if state.result == "success":  # ended cleanly while loading: a stop job, not a crash
+            lines = await journal_tail(state)
+            return LoadFailure(model.id, unit, "was stopped while it loaded, not by the router "
+                               f"(`{config.systemctl('stop', unit)}` by someone else, or the engine quit on its "
+                               "own with status 0).", "Ask for the model again to load it.", tuple(lines),
+                               code="model_load_interrupted", cooldown=False)
+        return await self._unit_failure(config, model, unit, f"exited while loading ({describe(state)})",
+                                        state, transient=True)
+
+    async def _unit_failure(self, config: Config, model: Model, unit: str, what: str,
+                            state: UnitState | None = None, transient: bool = False) -> LoadFailure:
+        state = state or await self.systemd.state(unit)
+        lines = await journal_tail(state)
+        return LoadFailure(model.id, unit, f"{what}.",
+                           f"Fix the model's command in models.yml or the backend; `{config.journalctl(unit)}` "
+                           "has the whole log.", tuple(lines), transient=transient)
+
+
+def systemd_failure(config: Config, target: str, unit: str | None, error: SystemdError) -> LoadFailure:
+    """A D-Bus call failed: unreachable systemd, or a refusal (permissions, a unit that does not exist)."""
+    if type(error).__name__ == "SystemdUnreachable" or "not reachable" in str(error):
+        return LoadFailure(target, unit, f"{error}.", "The router reconnects on its own; ask again in a moment.",
+                           code="systemd_unreachable", cooldown=False)
+    if config.systemd.bus == "system":
+        hint = ("Check that the router may manage this unit: it runs as root (or with polkit rights) on the "
+                f"system bus, and `{config.systemctl('status', unit or '')}` knows the unit.")
+    else:
+        hint = (f"Check that the unit exists for the router's user: `{config.systemctl('status', unit or '')}` "
+                "(a user unit under ~/.config/systemd/user).")
+    return LoadFailure(target, unit, f"systemd did not do what was asked: {error}.", hint, cooldown=False)
+
+
+async def journal_tail(state: UnitState) -> list[str]:
+    """The last journal lines of the unit's latest run (matched by invocation, and by PID since start)."""
+    return await journal.tail(state.invocation_id, pid=state.exec_main_pid, since_us=state.exec_main_start_us)
+
+
+def describe(state: UnitState) -> str:
+    """How a unit ended, in words: 'exited with status 2', 'killed by a signal', …"""
+    if state.result == "exit-code":
+        return f"exited with status {state.exec_main_status}"
+    if state.result in ("signal", "core-dump"):
+        return f"killed by signal {state.exec_main_status} (result {state.result})"
+    if state.result == "success":
+        return f"exited with status 0 (state {state.active_state})"
+    return f"result {state.result}, state {state.active_state}"

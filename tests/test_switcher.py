@@ -1,0 +1,166 @@
+"""The switcher's run loop with a fake systemd and probe: it cannot die, wedge or lose a switch's end."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from router.config import Backend, Config, Model, SwitchSettings
+from router.scheduler import LoadFailure
+from router.switcher import Failed, Granted, Switcher
+from router.systemd import UnitState
+
+pytestmark = pytest.mark.timeout(20)
+
+
+class FakeSystemd:
+    """Units that start and stop at once; `states_gate` can hold states() to simulate a slow bus."""
+
+    def __init__(self) -> None:
+        self.active: set[str] = set()
+        self.on_unit_change = None
+        self.states_gate: asyncio.Event | None = None
+        self.starts: list[str] = []
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def watch(self, names: list[str]) -> None: ...
+    async def reload(self) -> None: ...
+    async def reset_failed(self, name: str) -> None: ...
+
+    async def state(self, name: str) -> UnitState:
+        await asyncio.sleep(0)
+        return UnitState(name, "loaded", "active" if name in self.active else "inactive")
+
+    async def states(self, names: list[str]) -> dict[str, UnitState]:
+        if self.states_gate is not None:
+            await self.states_gate.wait()
+        return {n: await self.state(n) for n in names}
+
+    async def exec_start(self, name: str) -> list[list[str]]:
+        return []
+
+    async def start(self, name: str, timeout: float) -> str:
+        self.starts.append(name)
+        self.active.add(name)
+        return "done"
+
+    async def stop(self, name: str, timeout: float) -> str:
+        self.active.discard(name)
+        return "done"
+
+
+def make_config(tmp_path: Path) -> Config:
+    backends = {"one": Backend("one", "one.service", "http://127.0.0.1:9")}
+    models = {m: Model(m, "one", unit=f"{m}.service") for m in ("a", "b")}
+    return Config(config_dir=tmp_path, backends=backends, models=models,
+                  switch=SwitchSettings(linger=0, health_interval=0.01))
+
+
+async def healthy(url: str, timeout: float) -> bool:
+    return True
+
+
+async def answer(switcher: Switcher, model: str | None) -> object:
+    ticket = switcher.submit(model)
+    while True:
+        update = await asyncio.wait_for(switcher.next_update(ticket), 5)
+        if isinstance(update, (Granted, Failed)) or update.__class__.__name__ == "Unloaded":
+            switcher.done(ticket)
+            return update
+
+
+@pytest.fixture
+async def switcher(tmp_path: Path):
+    sw = Switcher(make_config(tmp_path), FakeSystemd(), healthy)
+    await sw.start()
+    yield sw
+    await sw.close()
+
+
+async def test_an_error_in_an_event_handler_fails_that_request_and_the_loop_goes_on(switcher: Switcher):
+    original = switcher.scheduler.on_request
+
+    def broken(ticket):
+        if ticket.model == "b":
+            raise KeyError("b")  # a bug in a handler
+        original(ticket)
+
+    switcher.scheduler.on_request = broken  # type: ignore[method-assign]
+    switcher._post = lambda handler, *args: switcher._events.put_nowait(  # type: ignore[method-assign]
+        (broken if handler == original else handler, args))
+    failed = await answer(switcher, "b")
+    assert isinstance(failed, Failed) and failed.error.code == "internal_error"
+    assert switcher.alive and await switcher.heartbeat(1.0)
+    assert isinstance(await answer(switcher, "a"), Granted)
+    assert switcher.handler_errors == 1
+
+
+async def test_the_loop_survives_an_exception_whose_logging_would_clash(switcher: Switcher):
+    """The first bug: the safety net's own log call raised (a keyword named `event`)."""
+    def boom() -> None:
+        raise RuntimeError("handler bug")
+
+    switcher._post(boom)
+    assert await switcher.heartbeat(1.0)
+    assert isinstance(await answer(switcher, "a"), Granted)
+
+
+async def test_a_load_cut_short_after_it_finished_still_ends_the_switch(switcher: Switcher):
+    """The second bug: the abort landed while the switch task read unit states after the load."""
+    systemd: FakeSystemd = switcher.systemd  # type: ignore[assignment]
+    systemd.states_gate = asyncio.Event()
+    ticket = switcher.submit("a")
+    await asyncio.sleep(0.05)  # the load of a is done; the task now waits in states()
+    switcher.done(ticket)  # its only client leaves…
+    other = switcher.submit("b")  # …and another model is asked for: the load of a is cut short
+    await asyncio.sleep(0.05)
+    systemd.states_gate.set()
+    while True:
+        update = await asyncio.wait_for(switcher.next_update(other), 5)
+        if isinstance(update, (Granted, Failed)):
+            break
+    assert isinstance(update, Granted) and update.model.id == "b"
+    assert switcher.scheduler.switch is None
+
+
+async def test_heartbeat_fails_when_the_loop_does_not_turn(switcher: Switcher):
+    assert await switcher.heartbeat(1.0)
+    loop_task = switcher._loop_task
+    assert loop_task is not None
+    switcher._closing = True  # no restart: stand for a loop that stopped reading its queue
+    loop_task.cancel()
+    await asyncio.gather(loop_task, return_exceptions=True)
+    switcher._loop_task = asyncio.create_task(asyncio.sleep(3600))  # alive, but never reads the queue
+    assert not await switcher.heartbeat(0.1)
+    switcher._loop_task.cancel()
+
+
+async def test_a_run_loop_that_ends_is_restarted(switcher: Switcher):
+    loop_task = switcher._loop_task
+    assert loop_task is not None
+    loop_task.cancel()
+    await asyncio.gather(loop_task, return_exceptions=True)
+    await asyncio.sleep(0)
+    assert switcher.alive and switcher._loop_task is not loop_task
+    assert isinstance(await answer(switcher, "a"), Granted)
+
+
+async def test_a_removed_model_being_loaded_fails_its_requests_with_model_not_found(switcher: Switcher):
+    ticket = switcher.submit("b")
+    config = switcher.config
+    switcher.reload(Config(config_dir=config.config_dir, backends=config.backends,
+                           models={"a": config.models["a"]}, switch=config.switch))
+    while True:
+        update = await asyncio.wait_for(switcher.next_update(ticket), 5)
+        if isinstance(update, (Granted, Failed)):
+            break
+    assert isinstance(update, Failed) and update.error.code == "model_not_found"
+    assert switcher.alive and isinstance(await answer(switcher, "a"), Granted)
+
+
+def test_load_failure_message_keeps_the_note_before_the_hint():
+    e = LoadFailure("a", "u", "exited.", "Fix it.", note="(failed 1 s ago; next try in 29 s)")
+    assert e.message() == "a (unit u): exited. (failed 1 s ago; next try in 29 s) Fix it."
