@@ -167,8 +167,18 @@ class Api:
         for ticket in s.queue:
             key = ticket.model or "(unload)"
             queued[key] = queued.get(key, 0) + 1
+        waiting, oldest = s.waiting_counts()
+        now = self.switcher.clock()
+        cooldowns = {m: {"error": c.failure.message(), "failed_ago": round(now - c.at, 1),
+                         "retry_in": round(max(c.at + config.switch.failure_cooldown - now, 0), 1)}
+                     for m, c in s.cooldowns.items()}
         return JSONResponse({
             "active_model": s.active, "switch": switch, "queued": queued, "serving": dict(s.serving),
+            "waiting": {m: {"requests": n, "oldest_wait": round(oldest.get(m, 0.0), 3)} for m, n in waiting.items()},
+            "cooldowns": cooldowns,
+            "run_loop": {"alive": self.switcher.alive, "handler_errors": self.switcher.handler_errors},
+            "systemd_bus": {"connected": getattr(self.switcher.systemd, "connected", True),
+                            "last_error": getattr(self.switcher.systemd, "last_error", None)},
             "units": units, "last_switch": self.switcher.last_switch, "switches": s.switches_started,
             "gpu": await asyncio.to_thread(gpu.snapshot), "config_dir": str(config.config_dir),
             "config": {"loaded_at": round(self.switcher.config_loaded_at, 3),

@@ -420,3 +420,42 @@ def test_switch_overhead_beyond_backend_startup(sandbox: Sandbox, units: Units, 
           f"\nrouter-added (median):   {statistics.median(took) - engine:.3f}s "
           f"(the router polls health every {TEST_SWITCH['health_interval']}s in tests)")
     assert statistics.median(took) - engine < 1.0
+
+
+def test_two_open_webui_users_on_two_models_cost_at_most_two_switches(sandbox: Sandbox, units: Units,
+                                                                      router: Router) -> None:
+    """Each user: title + streamed chat together, then follow-up and tags one after the other (what Open
+    WebUI sends for one typed message). With linger, the follow-ups find their model still loaded."""
+    rt, _u = one_backend(units, router, args=("--token-rate", "100", "--tokens", "20", "--load-delay", "0.3"),
+                        switch={"linger": None, "max_wait": None})  # the router's defaults: 2 s and 60 s
+    errors: list[str] = []
+
+    def user(model: str) -> None:
+        try:
+            with httpx.Client(base_url=rt.url, timeout=60) as c:
+                out: dict[str, Any] = {}
+
+                def title() -> None:
+                    out["title"] = httpx.post(rt.url + "/v1/chat/completions", timeout=60, json={
+                        "model": model, "messages": [{"role": "user", "content": "### Task:\nGenerate a title"}]})
+
+                t = threading.Thread(target=title)
+                t.start()
+                chat = stream_request(c, "/v1/chat/completions", chat_body(model, "hello", stream=True))
+                t.join(60)
+                assert chat.done and f"I am {model}." in chat.content, chat.content
+                assert answer(out["title"]).startswith(f"I am {model}.")
+                for task in ("Suggest 3 follow-ups", "Generate 1-3 tags"):
+                    r = c.post("/v1/chat/completions", json={
+                        "model": model, "messages": [{"role": "user", "content": f"### Task:\n{task}"}]})
+                    assert answer(r).startswith(f"I am {model}.")
+        except Exception as e:  # reported below, with the other user's outcome
+            errors.append(f"{model}: {e!r}")
+
+    threads = [threading.Thread(target=user, args=(m,)) for m in ("m-a", "m-b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(80)
+    assert not errors, errors
+    assert rt.status()["switches"] <= 2, rt.status()
