@@ -319,3 +319,22 @@ def test_the_loading_line_with_a_typical_load_time():
     assert loading_line("Qwen", 50.0, 180, expected=44.6) == "⏳ Loading Qwen… 50s/180s"  # slower than usual
     assert loading_line("Qwen", 0.2, 180, expected=0.3) == "⏳ Loading Qwen… 0s/~1s"
     assert strip_own_lines("⏳ Loading Qwen… 20s/~45s\nHello") == "Hello"  # never sent back to a model
+
+
+async def test_cli_models_shows_the_history(running: Running, capsys: pytest.CaptureFixture[str]):
+    from router import cli
+
+    running.bus.emit(SwitchEnded(1, None, "qwen", "ok", 46.0, load_seconds=44.6))
+    for _ in range(3):
+        running.bus.emit(ended(tok_per_s=41.25, ttft=0.3125, prompt_tokens=1500, completion_tokens=400))
+    running.bus.emit(ended(outcome="client_gone", status=499, tok_per_s=None, ttft=None, prompt_tokens=None,
+                           completion_tokens=None))
+    code = await asyncio.to_thread(cli.main, ["models", "--url", running.url, "--api-key", KEY,
+                                              "--config-dir", "/nonexistent"])
+    assert code == 0
+    table = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert table[0] == ["MODEL", "BACKEND", "UNIT", "STATE", "REQUESTS", "FAILED", "TOKENS_IN/OUT", "TOK/S", "TTFT",
+                        "LOAD"]
+    assert table[1] == ["qwen", "llamacpp", "llamacpp.service", "unloaded", "4", "1", "4.5k/1.2k", "41.2", "0.31s",
+                        "45s"]
+    assert table[2] == ["mistral", "llamacpp", "llamacpp.service", "unloaded", *["-"] * 6]
