@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
-from sandbox import RouterHandle, Units, chat_body, one_backend, wait_until
+from sandbox import PYTHON, REPO, RouterHandle, Sandbox, Units, chat_body, exec_line, one_backend, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -52,3 +53,30 @@ def test_open_event_streams_end_when_the_router_stops_and_history_stays(units: U
     rt.start()
     with rt.client() as c:
         assert c.get("/history").json()["path"] == first["path"]  # the same file, from STATE_DIRECTORY
+
+
+LOGGING_PROGRAM = """
+import structlog
+from router import logs
+chosen = logs.setup("info")
+log = structlog.get_logger("test")
+log.info("switch_started", model="qwen-x", unit="llamacpp.service", switch_id=3, request_id="req-1")
+log.info("other_model", model="mistral-x")
+log.warning("output", chosen=chosen)
+"""
+
+
+def test_under_systemd_the_log_has_journal_fields(sandbox: Sandbox, units: Units, tmp_path: Path) -> None:
+    """The router's own logging, run as a unit: stdout is the journal, so records carry MODEL= and friends."""
+    program = tmp_path / "log_something.py"
+    program.write_text(LOGGING_PROGRAM)
+    name = units.write(units.name("log"), "[Service]\nType=oneshot\n"
+                       f"WorkingDirectory={REPO}\nExecStart={exec_line([PYTHON, str(program)])}\n")
+    sandbox.systemctl("start", name, timeout=60)
+    entries = wait_until(lambda: sandbox.journal(f"_SYSTEMD_USER_UNIT={name}", "MODEL=qwen-x"), timeout=15,
+                         what="a journal entry with MODEL=qwen-x")
+    (entry,) = entries
+    assert (entry["MESSAGE"], entry["UNIT"], entry["SWITCH_ID"], entry["REQUEST_ID"], entry["SYSLOG_IDENTIFIER"],
+            entry["PRIORITY"]) == ("switch_started model=qwen-x unit=llamacpp.service switch_id=3 request_id=req-1",
+                                   "llamacpp.service", "3", "req-1", "llm-router", "6")
+    assert sandbox.journal_messages(f"_SYSTEMD_USER_UNIT={name}", "PRIORITY=4") == ["output chosen=journal"]
