@@ -55,6 +55,10 @@ class Observability:
             Route("/history", guarded(self.get_history), methods=["GET"]),
         ]
 
+    def expected_load_seconds(self, model_id: str) -> float | None:
+        """The model's typical load time from history (for `loading_line(..., expected=)`); None if unknown."""
+        return self.history.typical_load_seconds(model_id) if self.history is not None else None
+
     def stop_streams(self) -> None:
         """End every /events and /logs?follow=1 response (they never end on their own)."""
         self.hub.close()

@@ -64,7 +64,8 @@ async def running(tmp_path: Path) -> AsyncIterator[Running]:
     config = Config(config_dir=tmp_path, api_key=KEY, systemd=SystemdSettings(bus="user"),
                     backends={"llamacpp": Backend("llamacpp", "llamacpp.service", "http://127.0.0.1:9")},
                     models={"qwen": Model("qwen", "llamacpp"), "mistral": Model("mistral", "llamacpp"),
-                            "embed": Model("embed", "llamacpp", unit="embed.service")})
+                            "embed": Model("embed", "llamacpp", unit="embed.service"),
+                            "org/tiny": Model("org/tiny", "llamacpp")})
     http = httpx.AsyncClient()
     switcher = Switcher(config, StubSystemd(), http)  # type: ignore[arg-type]  # not started: no run loop needed
     history = History(tmp_path / "state" / FILENAME, batch_wait=0.01)
@@ -241,6 +242,8 @@ async def test_logs_tail(running: Running, journalctl: Path):
                                                  "--user-unit=llamacpp.service"]
         r = await c.get("/logs/embed")  # a model with its own unit; 100 lines by default
         assert r.json()["unit"] == "embed.service" and calls(journalctl)[-1]["args"][4] == "100"
+        r = await c.get("/logs/org/tiny")  # model ids may hold slashes (Hugging Face names)
+        assert r.status_code == 200 and r.json()["model"] == "org/tiny"
         r = await c.get("/logs/nope")
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
         assert "qwen" in r.json()["error"]["message"]
@@ -310,7 +313,7 @@ async def test_history_over_http(running: Running):
     assert body["models"]["qwen"] | {"last_used": 0} == {
         "requests": 1, "failed": 0, "prompt_tokens": 5, "completion_tokens": 40, "loads": 1, "load_failures": 0,
         "last_used": 0, "tok_per_s": 41.0, "ttft": 0.25, "load_seconds": 45.0}
-    assert running.obs.history is not None and running.obs.history.typical_load_seconds("qwen") == 45.0
+    assert running.obs.expected_load_seconds("qwen") == 45.0 and running.obs.expected_load_seconds("mistral") is None
 
 
 def test_the_loading_line_with_a_typical_load_time():
