@@ -16,7 +16,6 @@ import uvicorn
 from router import notify
 from router.app import create_app
 from router.config import Config, ConfigError, load_config
-from router.history import History
 from router.observability import Observability
 from router.switcher import Switcher
 from router.systemd import Systemd, SystemdError, bus_address
@@ -61,7 +60,7 @@ async def serve(config_dir: Path) -> int:
     http = make_http()
     switcher = Switcher(config, Systemd(bus_address(config.systemd.bus), lambda: set(
         switcher.config.managed_units())), http)
-    observability = Observability(switcher, await asyncio.to_thread(History.open))  # before start: sees adoption
+    observability = await Observability.start(switcher)  # before the switcher starts: it sees the adoption
     try:
         await switcher.start()
     except SystemdError as e:

@@ -47,6 +47,14 @@ class Observability:
         observers = [self.metrics.observe, self.hub.observe] + ([history.observe] if history else [])
         self._unsubscribe = [switcher.events.subscribe(o) for o in observers]
 
+    @classmethod
+    async def start(cls, switcher: Switcher) -> Observability:
+        """The daemon's: history from the state directory, and a first GPU reading (the log says if there is none)."""
+        history = await asyncio.to_thread(History.open)
+        observability = cls(switcher, history)
+        await asyncio.to_thread(observability.gpu.read)
+        return observability
+
     def routes(self, guarded: Callable[[Handler], Handler]) -> list[Route]:
         return [
             Route("/metrics", guarded(self.get_metrics), methods=["GET"]),
