@@ -9,7 +9,7 @@ read when Prometheus scrapes. Metric names are listed in the README (Observabili
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -36,12 +36,13 @@ TOKS_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 200.0
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 SWITCH_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0)
 NONE = "none"  # the label value for "no model" (a first load's from, an unload's to)
+OTHER = "other"  # the label value for a model id that is not in the configuration
 
 
 class Metrics:
     """The router's metrics registry; subscribe `observe` to the switcher's EventBus."""
 
-    def __init__(self, models: Callable[[], Iterable[str]] = tuple,
+    def __init__(self, models: Callable[[], Collection[str]] | None = None,
                  unit_states: Callable[[], Mapping[str, str]] = dict,
                  gpu: Callable[[], GpuSnapshot | None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic, process: bool = True) -> None:
@@ -67,7 +68,8 @@ class Metrics:
         self.load_duration = Histogram("llm_router_model_load_seconds",
                                        "From a model's unit start to its engine answering healthy.",
                                        ["model"], buckets=SWITCH_BUCKETS, registry=r)
-        self._state = _StateCollector(models, unit_states, gpu, clock)
+        self._models = models  # the configured ids: other names are labelled "other" (bounded series)
+        self._state = _StateCollector(models or tuple, unit_states, gpu, clock)
         r.register(self._state)
         if process:
             ProcessCollector(registry=r)
@@ -95,18 +97,19 @@ class Metrics:
                 self.load_duration.labels(event.target).observe(event.load_seconds)
 
     def _request(self, e: RequestEnded) -> None:
-        key = (e.model, e.endpoint, e.outcome)
+        model = e.model if self._models is None or e.model in self._models() else OTHER
+        key = (model, e.endpoint, e.outcome)
         pair = self._request_children.get(key)
         if pair is None:
             pair = self._request_children[key] = (self.requests.labels(*key),
-                                                  self.request_duration.labels(e.model, e.endpoint))
+                                                  self.request_duration.labels(model, e.endpoint))
         pair[0].inc()
         pair[1].observe(e.duration)
-        per_model = self._model_children.get(e.model)
+        per_model = self._model_children.get(model)
         if per_model is None:
-            per_model = self._model_children[e.model] = (
-                self.ttft.labels(e.model), self.tok_per_s.labels(e.model),
-                self.tokens.labels(e.model, "prompt"), self.tokens.labels(e.model, "completion"))
+            per_model = self._model_children[model] = (
+                self.ttft.labels(model), self.tok_per_s.labels(model),
+                self.tokens.labels(model, "prompt"), self.tokens.labels(model, "completion"))
         if e.ttft is not None:
             per_model[0].observe(e.ttft)
         if e.tok_per_s is not None:

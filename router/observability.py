@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from router import gpu as gpu_module
 from router.chunks import error_body
+from router.events import Event, RequestEnded
 from router.gpu import GpuReader
 from router.history import History
 from router.hub import EventHub, frame
@@ -44,8 +45,14 @@ class Observability:
         self.metrics = Metrics(models=lambda: switcher.config.models, unit_states=lambda: self._unit_states,
                                gpu=lambda: self.gpu.last, process=process_metrics)
         self.stopping = asyncio.Event()
-        observers = [self.metrics.observe, self.hub.observe] + ([history.observe] if history else [])
+        observers = [self.metrics.observe, self.hub.observe] + ([self._observe_history] if history else [])
         self._unsubscribe = [switcher.events.subscribe(o) for o in observers]
+
+    def _observe_history(self, event: Event) -> None:
+        """History keeps configured models only: a client's made-up model names must not grow the database."""
+        assert self.history is not None
+        if not isinstance(event, RequestEnded) or event.model in self.switcher.config.models:
+            self.history.observe(event)
 
     @classmethod
     async def start(cls, switcher: Switcher) -> Observability:

@@ -58,6 +58,17 @@ def test_requests_by_model_endpoint_outcome_with_ttft_speed_and_tokens():
     assert value(m, "llm_router_request_duration_seconds_count", model="qwen", endpoint=chat) == 3
 
 
+def test_a_model_id_not_in_the_configuration_is_labelled_other():
+    m = Metrics(models=lambda: {"qwen": 1}, process=False)
+    for i in range(50):
+        m.observe(request(model=f"made-up-{i}", outcome="rejected", status=404))
+    m.observe(request(model="qwen"))
+    assert value(m, "llm_router_requests_total", model="other", endpoint="/v1/chat/completions",
+                 outcome="rejected") == 50
+    assert value(m, "llm_router_requests_total", model="qwen", endpoint="/v1/chat/completions", outcome="ok") == 1
+    assert not [k for k in samples(m) if "made-up" in str(k)]
+
+
 def test_switches_by_from_to_outcome_with_durations_and_load_times():
     m = Metrics(process=False)
     m.observe(SwitchProgress(1, "qwen", "loading", 3.0, "⏳ Loading qwen… 3s/180s"))  # not a metric

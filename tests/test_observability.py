@@ -307,8 +307,10 @@ async def test_logs_follow_ends_when_the_router_stops(running: Running, journalc
 async def test_history_over_http(running: Running):
     running.bus.emit(SwitchEnded(1, None, "qwen", "ok", 46.0, load_seconds=45.0))
     running.bus.emit(ended(tok_per_s=41.0, ttft=0.25))
+    running.bus.emit(ended(model="made-up", outcome="rejected", status=404))  # not a configured model: not kept
     async with httpx.AsyncClient(base_url=running.url, headers=AUTH) as c:
         body = (await c.get("/history")).json()
+    assert set(body["models"]) == {"qwen"}
     assert body["available"] is True
     assert body["models"]["qwen"] | {"last_used": 0} == {
         "requests": 1, "failed": 0, "prompt_tokens": 5, "completion_tokens": 40, "loads": 1, "load_failures": 0,
