@@ -67,12 +67,15 @@ class Client:
         self.unreported = 0  # lost and not yet told
         self.wake = asyncio.Event()
 
-    def put(self, data: bytes) -> None:
-        if len(self.buffer) == self.buffer.maxlen:
+    def put(self, data: bytes) -> bool:
+        """Buffer one frame; True if the oldest had to go to make room."""
+        full = len(self.buffer) == self.buffer.maxlen
+        if full:
             self.dropped += 1
             self.unreported += 1
         self.buffer.append(data)  # a full deque drops its oldest
         self.wake.set()
+        return full
 
 
 class EventHub:
@@ -87,6 +90,7 @@ class EventHub:
         self.clients: set[Client] = set()
         self.states: dict[str, dict[str, Any]] = {}  # each model's last `state`, sent to new clients
         self.closed = False
+        self.dropped_total = 0  # events lost by slow clients, all clients together (a metric)
         self._gpu_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -115,7 +119,8 @@ class EventHub:
 
     def _put(self, encoded: bytes) -> None:
         for client in self.clients:
-            client.put(encoded)
+            if client.put(encoded):
+                self.dropped_total += 1
 
     # --- clients ----------------------------------------------------------------------------------
 

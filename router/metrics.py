@@ -45,6 +45,7 @@ class Metrics:
     def __init__(self, models: Callable[[], Collection[str]] | None = None,
                  unit_states: Callable[[], Mapping[str, str]] = dict,
                  gpu: Callable[[], GpuSnapshot | None] = lambda: None,
+                 events: Callable[[], tuple[int, int]] | None = None,
                  clock: Callable[[], float] = time.monotonic, process: bool = True) -> None:
         self.registry = r = CollectorRegistry(auto_describe=False)
         self._clock = clock
@@ -71,6 +72,8 @@ class Metrics:
         self._models = models  # the configured ids: other names are labelled "other" (bounded series)
         self._state = _StateCollector(models or tuple, unit_states, gpu, clock)
         r.register(self._state)
+        if events is not None:
+            r.register(_EventsCollector(events))
         if process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
@@ -199,3 +202,16 @@ class _StateCollector(Collector):
             if g.energy_joules is not None:
                 energy.add_metric([str(g.index), g.name], g.energy_joules)
         yield energy
+
+
+class _EventsCollector(Collector):
+    """/events listeners and what slow ones lost: `events()` gives (clients, dropped in all)."""
+
+    def __init__(self, events: Callable[[], tuple[int, int]]) -> None:
+        self.events = events
+
+    def collect(self) -> Iterator[Metric]:
+        clients, dropped = self.events()
+        yield GaugeMetricFamily("llm_router_events_clients", "Clients connected to GET /events.", value=clients)
+        yield CounterMetricFamily("llm_router_events_dropped", "Events /events clients lost by reading too slowly.",
+                                  value=dropped)

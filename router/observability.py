@@ -43,7 +43,8 @@ class Observability:
         self.hub = EventHub(self.gpu.read, gpu_every=gpu_every, buffer=events_buffer)
         self._unit_states: dict[str, str] = {}
         self.metrics = Metrics(models=lambda: switcher.config.models, unit_states=lambda: self._unit_states,
-                               gpu=lambda: self.gpu.last, process=process_metrics)
+                               gpu=lambda: self.gpu.last, process=process_metrics,
+                               events=lambda: (len(self.hub.clients), self.hub.dropped_total))
         self.stopping = asyncio.Event()
         observers = [self.metrics.observe, self.hub.observe] + ([self._observe_history] if history else [])
         self._unsubscribe = [switcher.events.subscribe(o) for o in observers]

@@ -191,6 +191,10 @@ async def test_events_say_how_many_were_dropped_and_send_gpu(running: Running):
         assert got[-1][1]["dropped"] >= 136 and got[-1][1]["buffer"] == 64
         got = await read_sse(lines, "request")
         assert got[-1][1]["duration"] >= 136.0  # the oldest went, the newest stayed
+        metrics = (await c.get("/metrics")).text.splitlines()
+        assert "llm_router_events_clients 1.0" in metrics
+        dropped = next(float(m.split()[1]) for m in metrics if m.startswith("llm_router_events_dropped_total "))
+        assert dropped >= 136
 
 
 FAKE_JOURNALCTL = """\
