@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from router import gpu
 from router.chunks import error_body, strip_history
+from router.observability import Observability
 from router.proxy import Call, Relay, upstream_headers
 from router.scheduler import PRIORITIES
 from router.switcher import Failed, Granted, Status, Switcher, failure_status
@@ -234,7 +235,7 @@ def _ndjson(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
 
 
-def create_app(switcher: Switcher, http: httpx.AsyncClient) -> Starlette:
+def create_app(switcher: Switcher, http: httpx.AsyncClient, observability: Observability | None = None) -> Starlette:
     api = Api(switcher, http)
     g = api.guarded
     routes = [
@@ -246,7 +247,7 @@ def create_app(switcher: Switcher, http: httpx.AsyncClient) -> Starlette:
         Route("/status", g(api.status), methods=["GET"]),
         Route("/admin/load", g(api.admin_load), methods=["POST"]),
         Route("/admin/unload", g(api.admin_unload), methods=["POST"]),
-    ]
+    ] + (observability.routes(g) if observability else [])  # /metrics, /events, /logs/{model}, /history
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
 

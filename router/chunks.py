@@ -18,7 +18,11 @@ def switching_line(display: str) -> str:
     return f"🔄 Switching to {display}…"
 
 
-def loading_line(display: str, elapsed: float, timeout: float) -> str:
+def loading_line(display: str, elapsed: float, timeout: float, expected: float | None = None) -> str:
+    """`⏳ Loading M… 20s/180s`; with `expected` (the model's typical load time from history)
+    `⏳ Loading M… 20s/~45s`, until the load takes longer than that: then the timeout again."""
+    if expected is not None and expected > 0 and elapsed <= expected:
+        return f"⏳ Loading {display}… {int(elapsed)}s/~{max(1, round(expected))}s"
     return f"⏳ Loading {display}… {int(elapsed)}s/{int(timeout)}s"
 
 
@@ -36,7 +40,7 @@ def stats_line(tokens: int, seconds: float, tok_per_s: float) -> str:
 
 # The router's own lines, as they come back inside assistant messages of later requests.
 _OWN_LINE = re.compile(
-    r"^(?:🔄 Switching to .*…|⏳ Loading .*… \d+s/\d+s|✅ .* ready \(took \d+s\)|❌ .* failed to load: .*"
+    r"^(?:🔄 Switching to .*…|⏳ Loading .*… \d+s/~?\d+s|✅ .* ready \(took \d+s\)|❌ .* failed to load: .*"
     r"|⚡ \d+(?:\.\d+)? tok/s \(\d+ tokens in \d+(?:\.\d+)?s\))$")
 
 

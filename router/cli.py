@@ -109,9 +109,45 @@ def _call(args: argparse.Namespace, method: str, path: str) -> Any:
 
 def cmd_models(args: argparse.Namespace) -> int:
     data = _call(args, "GET", "/v1/models")["data"]
-    rows = [(m["id"], m.get("backend", ""), m.get("unit", ""), m.get("state", "")) for m in data]
-    _table(("MODEL", "BACKEND", "UNIT", "STATE"), rows)
+    history = _history(args)
+    rows = [(m["id"], m.get("backend", ""), m.get("unit", ""), m.get("state", ""),
+             *_history_columns(history.get(m["id"]))) for m in data]
+    _table(("MODEL", "BACKEND", "UNIT", "STATE", "REQUESTS", "FAILED", "TOKENS_IN/OUT", "TOK/S", "TTFT", "LOAD"),
+           rows)
     return 0
+
+
+def _history(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-model history from the daemon's /history; {} from a daemon without it (the table says -)."""
+    import httpx
+
+    try:
+        with _client(args) as client:
+            r = client.get("/history")
+        models = r.json().get("models") if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return {}
+    return models if isinstance(models, dict) else {}
+
+
+def _history_columns(h: dict[str, Any] | None) -> tuple[str, ...]:
+    """REQUESTS, FAILED, TOKENS_IN/OUT, TOK/S, TTFT, LOAD (typical: the median of recent ones); - where unknown."""
+    if not h:
+        return ("-",) * 6
+
+    def num(value: Any, fmt: str) -> str:
+        return "-" if value is None else fmt.format(value)
+
+    return (str(h.get("requests", 0)), str(h.get("failed", 0)),
+            f"{_short(h.get('prompt_tokens', 0))}/{_short(h.get('completion_tokens', 0))}",
+            num(h.get("tok_per_s"), "{:.1f}"), num(h.get("ttft"), "{:.2f}s"), num(h.get("load_seconds"), "{:.0f}s"))
+
+
+def _short(n: int) -> str:
+    for unit, size in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from router import notify
 from router.app import create_app
 from router.config import Config, ConfigError, load_config
 from router.executor import HealthProbe
+from router.observability import Observability
 from router.switcher import Switcher
 from router.systemd import Systemd, SystemdError, bus_address
 
@@ -34,9 +35,11 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _stop(server: uvicorn.Server) -> None:
+def _stop(server: uvicorn.Server, *then: Callable[[], None]) -> None:
     log.info("stopping", grace=SHUTDOWN_GRACE)
     server.should_exit = True
+    for call in then:
+        call()
 
 
 def make_probe(http: httpx.AsyncClient) -> HealthProbe:
@@ -69,15 +72,18 @@ async def serve(config_dir: Path) -> int:
     http = make_http()
     switcher = Switcher(config, Systemd(bus_address(config.systemd.bus), lambda: set(
         switcher.config.managed_units())), make_probe(http))
+    observability = await Observability.start(switcher)  # before the switcher starts: it sees the adoption
+    switcher.expected_load = observability.expected_load_seconds
     try:
         await switcher.start()
     except SystemdError as e:
         print(f"llm-router: cannot reach the systemd {config.systemd.bus} manager over D-Bus: {e}\n"
               f"Check systemd.bus in {config_dir}/config.yml (system needs root or polkit rights; user needs "
               "a running `systemd --user` and DBUS_SESSION_BUS_ADDRESS).", flush=True)
+        await observability.close()
         await http.aclose()
         return 3
-    app = create_app(switcher, http)
+    app = create_app(switcher, http, observability)
     server = _Server(uvicorn.Config(
         app, host=config.listen.host, port=config.listen.port, loop="none", http="httptools",
         lifespan="off", log_level="warning", access_log=False, timeout_graceful_shutdown=SHUTDOWN_GRACE,
@@ -85,7 +91,7 @@ async def serve(config_dir: Path) -> int:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload(switcher, config_dir)))
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _stop, server)
+        loop.add_signal_handler(sig, _stop, server, observability.stop_streams)
     serving = asyncio.create_task(server.serve())
     while not server.started and not serving.done():
         await asyncio.sleep(0.01)
@@ -101,6 +107,7 @@ async def serve(config_dir: Path) -> int:
     if feeder is not None:
         feeder.cancel()
     await switcher.close()
+    await observability.close()
     await http.aclose()
     log.info("stopped")
     return 0 if server.started else 4

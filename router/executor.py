@@ -58,7 +58,8 @@ class SwitchRun:
         return self.clock() - self.started
 
     def loading_text(self) -> str:
-        return loading_line(self.display, self.clock() - (self.load_started or self.started), self.timeout)
+        return loading_line(self.display, self.clock() - (self.load_started or self.started), self.timeout,
+                            self.expected)
 
 
 class Progress(Protocol):

@@ -1,10 +1,17 @@
-"""Journal tail of one unit invocation, read with journalctl (only used when something failed)."""
+"""Reading the journal with journalctl: one invocation's tail (a failed load), a unit's log (GET /logs)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("router.journal")
 
 
 def journal_command(invocation_id: str, lines: int, pid: int = 0, since_us: int = 0) -> list[str]:
@@ -68,3 +75,107 @@ async def tail(invocation_id: str, lines: int = 15, timeout: float = 5.0, pid: i
             await asyncio.sleep(0.1)  # unprivileged: journald writes out on its own, soon
     except OSError:  # no journalctl on this host
         return []
+
+
+# --- a unit's whole journal, for GET /logs/{model} -----------------------------------------------
+
+MAX_LINES = 10_000  # the most lines /logs returns or replays
+
+
+def unit_command(unit: str, user_bus: bool, lines: int, follow: bool = False) -> list[str]:
+    """journalctl arguments for the last `lines` entries of a unit (system or user manager), as JSON."""
+    cmd = ["journalctl", "--no-pager", "-o", "json", "-n", str(lines)]
+    if follow:
+        cmd.append("--follow")
+    cmd.append(f"--user-unit={unit}" if user_bus else f"--unit={unit}")
+    return cmd
+
+
+def log_line(raw: str) -> str | None:
+    """One journalctl -o json entry as `2026-11-29T18:33:34.123Z ident[pid]: message`; None if unreadable."""
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(entry, dict):
+        return None
+    message = entry.get("MESSAGE", "")
+    if isinstance(message, list):  # journald stores non-UTF-8 messages as byte arrays
+        message = bytes(message).decode("utf-8", "replace")
+    ident = entry.get("SYSLOG_IDENTIFIER") or entry.get("_COMM") or ""
+    pid = entry.get("_PID")
+    prefix = f"{ident}[{pid}]: " if ident and pid else f"{ident}: " if ident else ""
+    stamp = ""
+    try:
+        us = int(entry["__REALTIME_TIMESTAMP"])
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(us // 1_000_000)) + f".{us // 1000 % 1000:03d}Z "
+    except (KeyError, ValueError, TypeError):
+        pass
+    return f"{stamp}{prefix}{message}"
+
+
+class JournalUnavailable(Exception):
+    """journalctl is missing or refused to read the journal; the message says why."""
+
+
+async def unit_tail(unit: str, user_bus: bool, lines: int, timeout: float = 10.0) -> list[str]:
+    """The unit's last `lines` journal lines; JournalUnavailable if the journal cannot be read."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *unit_command(unit, user_bus, lines), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            limit=2**22)
+    except OSError as e:
+        raise JournalUnavailable(f"cannot run journalctl: {e}") from e
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise JournalUnavailable(f"journalctl took longer than {timeout:g}s") from None
+    if proc.returncode != 0 and not out:
+        raise JournalUnavailable(f"journalctl failed (exit {proc.returncode}): "
+                                 f"{err.decode('utf-8', 'replace').strip()[:500]}")
+    return [line for raw in out.decode("utf-8", "replace").splitlines() if (line := log_line(raw)) is not None]
+
+
+async def unit_follow(unit: str, user_bus: bool, lines: int, stop: asyncio.Event | None = None,
+                      ) -> AsyncIterator[str]:
+    """The unit's last `lines` journal lines, then each new one as it comes (journalctl --follow).
+
+    journalctl runs while the caller iterates: it is killed when the iteration ends, whatever the
+    reason (the client left, `stop` was set, the caller was cancelled). Ends with JournalUnavailable
+    if journalctl cannot run or exits.
+    """
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *unit_command(unit, user_bus, lines, follow=True), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, limit=2**22)
+    except OSError as e:
+        raise JournalUnavailable(f"cannot run journalctl: {e}") from e
+    assert proc.stdout is not None and proc.stderr is not None
+    stopping = asyncio.create_task(stop.wait()) if stop is not None else None
+    try:
+        while True:
+            reading = asyncio.ensure_future(proc.stdout.readline())
+            waits: set[asyncio.Future[Any]] = {reading} | ({stopping} if stopping else set())
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if not reading.done():
+                reading.cancel()
+                return
+            raw = reading.result()
+            if not raw:
+                err = (await proc.stderr.read()).decode("utf-8", "replace").strip()
+                code = await proc.wait()
+                raise JournalUnavailable(f"journalctl ended (exit {code})" + (f": {err[:500]}" if err else ""))
+            line = log_line(raw.decode("utf-8", "replace"))
+            if line is not None:
+                yield line
+    finally:
+        if stopping is not None:
+            stopping.cancel()
+        if proc.returncode is None:
+            proc.kill()
+            try:
+                await asyncio.wait_for(proc.wait(), 5.0)
+            except asyncio.TimeoutError:
+                log.warning("journalctl_not_reaped", unit=unit, pid=proc.pid)

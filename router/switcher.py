@@ -83,6 +83,7 @@ class Switcher:
         self.scheduler = Scheduler(config, self, clock)
         self.executor = PlanExecutor(systemd, probe, self, clock, port_holder)
         self.events = EventBus()  # typed events for metrics, /events and history (router/events.py)
+        self.expected_load: Callable[[str], float | None] | None = None  # typical load time, from history
         self.run_info: SwitchRun | None = None
         self.last_switch: dict[str, Any] | None = None
         self.config_loaded_at = time.time()
@@ -289,6 +290,9 @@ class Switcher:
         model = config.models.get(plan.target or "")
         timeout = config.load_timeout_of(model) if model else config.switch.stop_timeout
         run = SwitchRun(plan, self._display(plan.target), timeout, switch_id=switch.id, clock=self.clock)
+        if self.expected_load is not None and plan.target is not None and not plan.adopt:
+            with contextlib.suppress(Exception):  # history is a nicety: never let it stop a switch
+                run.expected = self.expected_load(plan.target)
         self.run_info = run
         task = self._spawn(self._execute(plan, config, run), f"switch-{plan.target}")
         task.add_done_callback(lambda t: self._switch_task_ended(t, switch, run))

@@ -363,7 +363,8 @@ class RouterHandle:
             self.proc = subprocess.Popen(
                 self.sandbox.exec_argv(PYTHON, "-m", "router", "serve", "--config-dir", str(self.config_dir)),
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1",  # history in the test's directory, kept across restarts
+                     "STATE_DIRECTORY": str(self.config_dir.with_name(self.config_dir.name + ".state"))},
             )
         finally:
             log.close()

@@ -489,7 +489,9 @@ def test_uninstall_then_purge_leaves_nothing_behind(installed: UserInstall) -> N
         st = sbx.unit_state(unit)
         assert st.get("LoadState") == "not-found" and st.get("ActiveState") == "inactive", (unit, st)
     assert not (installed.unit_dir / "llamacpp.service.d").exists()  # the router's drop-in is gone
-    assert sorted(os.listdir(installed.config_dir)) == ["config.yml", "models.yml"]  # config kept
+    # config kept (and the history: systemd 252 puts a user unit's StateDirectory= in $XDG_CONFIG_HOME)
+    kept = sorted(f for f in os.listdir(installed.config_dir) if not f.startswith("history.sqlite3"))
+    assert kept == ["config.yml", "models.yml"]
     assert not installed.data_dir.exists()
     assert DEV_VENV.exists()  # --venv: not ours to remove
     run_install(installed.argv("--user", "--uninstall", "--purge"), name="install-user-purge.txt")
