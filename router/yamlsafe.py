@@ -26,6 +26,14 @@ class _BoundedLoader(yaml.SafeLoader):
         super().__init__(stream)
         self._depth = 0
 
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        # The scanner keeps one possible key per open bracket and rechecks them all per token: stop at
+        # the depth bound rather than spend quadratic time on "[[[[…" before the composer sees it.
+        if self.flow_level >= MAX_DEPTH:
+            raise YAMLLimitError(None, None, f"nested more than {MAX_DEPTH} levels deep; flatten the file",
+                                 self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
+
     def compose_node(self, parent: Node | None, index: Any) -> Node:
         self._depth += 1
         try:
