@@ -13,8 +13,9 @@ from router import __version__
 from router.config import ConfigError, load_config, resolve_config_dir
 
 
-def _daemon_url(args: argparse.Namespace) -> tuple[str, str | None]:
-    """The daemon's URL and API key: --url / --api-key / $LLM_ROUTER_API_KEY, else from config.yml."""
+def _daemon_url(args: argparse.Namespace, admin: bool = False) -> tuple[str, str | None]:
+    """The daemon's URL and API key: --url / --api-key / $LLM_ROUTER_API_KEY, else from config.yml (for
+    /admin: its first admin_api_keys entry when set, else its first client key)."""
     url, key = "http://127.0.0.1:8002", None
     try:
         config = load_config(resolve_config_dir(args.config_dir))
@@ -22,7 +23,8 @@ def _daemon_url(args: argparse.Namespace) -> tuple[str, str | None]:
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
         url = f"http://{'[' + host + ']' if ':' in host else host}:{config.listen.port}"
-        key = config.api_key
+        keys = (config.admin_api_keys if admin else ()) or config.client_keys
+        key = keys[0] if keys else None
     except (ConfigError, OSError):
         pass  # the defaults will do; the request says if they don't
     if args.url:
@@ -30,10 +32,10 @@ def _daemon_url(args: argparse.Namespace) -> tuple[str, str | None]:
     return url, args.api_key or os.environ.get("LLM_ROUTER_API_KEY") or key
 
 
-def _client(args: argparse.Namespace) -> Any:
+def _client(args: argparse.Namespace, admin: bool = False) -> Any:
     import httpx
 
-    url, key = _daemon_url(args)
+    url, key = _daemon_url(args, admin)
     headers = {"authorization": f"Bearer {key}"} if key else {}
     return httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(10.0, read=None), trust_env=False)
 
@@ -97,7 +99,7 @@ def _call(args: argparse.Namespace, method: str, path: str) -> Any:
     import httpx
 
     try:
-        with _client(args) as client:
+        with _client(args, admin=path.startswith("/admin/")) as client:
             r = client.request(method, path)
     except httpx.HTTPError as e:
         raise _DaemonError(_unreachable(args, e)) from e
@@ -149,7 +151,7 @@ def cmd_switch(args: argparse.Namespace) -> int:
     import httpx
 
     try:
-        with _client(args) as client, client.stream("POST", "/admin/load", json={"model": args.model}) as r:
+        with _client(args, admin=True) as client, client.stream("POST", "/admin/load", json={"model": args.model}) as r:
             if r.status_code != 200:
                 r.read()
                 print(f"llm-router: {_error_text(r)}", file=sys.stderr)

@@ -696,3 +696,22 @@ models:
         ("models.yml", 4, "models.b.backend"),
         ("models.yml", 5, "models.c.model_name"),
     ]
+
+
+@pytest.mark.parametrize("bad", [MERGE_BOMB, "backends: " + "[" * 100_000 + "\n"])
+def test_check_and_reload_report_bombs_as_file_line(tmp_path: Path, bad: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from router import cli, daemon
+
+    (tmp_path / "config.yml").write_text(bad + MIN_CONFIG)
+    (tmp_path / "models.yml").write_text(MIN_MODELS)
+    assert cli.main(["check", "--config-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert re.match(rf"{re.escape(str(tmp_path / 'config.yml'))}:\d+: invalid YAML: ", err), err
+    assert "Traceback" not in err
+    switcher = SimpleNamespace(reload_error=None)
+    asyncio.run(daemon.reload(switcher, tmp_path))  # type: ignore[arg-type]
+    assert switcher.reload_error is not None and "invalid YAML" in switcher.reload_error[0]
