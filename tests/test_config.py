@@ -397,6 +397,8 @@ def test_shipped_files_parse() -> None:
     cfg = parse_config(config_text, models_text, DIR, {})
     assert cfg.listen == Listen()
     assert cfg.switch == SwitchSettings()
+    assert (cfg.timeouts, cfg.limits) == (Timeouts(), Limits())  # the file shows the defaults
+    assert (cfg.api_key, cfg.api_keys, cfg.admin_api_keys) == (None, (), ())
     assert list(cfg.backends) == ["llamacpp"]
     assert [m.backend for m in cfg.models.values()] == ["llamacpp"]
 
