@@ -34,14 +34,14 @@ class _BoundedLoader(yaml.SafeLoader):
                                  self.get_mark())
         super().fetch_flow_collection_start(TokenClass)
 
-    def compose_node(self, parent: Node | None, index: Any) -> Node:
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
                 event = self.peek_event()
                 raise YAMLLimitError(None, None, f"nested more than {MAX_DEPTH} levels deep; "
                                      "flatten the file", event.start_mark)
-            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+            return super().compose_node(parent, index)
         finally:
             self._depth -= 1
 

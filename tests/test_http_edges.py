@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from structlog.testing import capture_logs
@@ -22,7 +21,7 @@ from structlog.testing import capture_logs
 from router import app as app_module
 from router import httpserver
 from router.config import Backend, Config, Limits, Model
-from router.daemon import uvicorn_config
+from router.daemon import _Server, uvicorn_config
 from router.requestbody import MAX_JSON_DEPTH
 
 pytestmark = pytest.mark.timeout(30)
@@ -246,7 +245,7 @@ async def test_stream_booleans_and_null(value: str, stream: bool) -> None:
 
 async def test_client_leaving_mid_upload_logs_one_line_and_no_traceback(caplog: pytest.LogCaptureFixture) -> None:
     app, switcher = make_app()
-    messages = [{"type": "http.request", "body": b'{"model": "tiny", ', "more_body": True},
+    messages: list[dict[str, Any]] = [{"type": "http.request", "body": b'{"model": "tiny", ', "more_body": True},
                 {"type": "http.disconnect"}]
     sent: list[dict[str, Any]] = []
 
@@ -295,8 +294,7 @@ async def server(limits: Limits = TIGHT) -> AsyncIterator[int]:
     app, _ = make_app(replace(BASE, limits=limits))
     config = uvicorn_config(app, replace(BASE, limits=limits))
     config.port = 0
-    srv = uvicorn.Server(config)
-    srv.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    srv = _Server(config)  # leaves pytest's signal handlers alone
     config.load()
     task = asyncio.create_task(srv.serve(sockets=None))
     while not srv.started:
