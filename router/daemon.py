@@ -117,6 +117,9 @@ async def reload(switcher: Switcher, config_dir: Path) -> None:
             log.warning("reload_needs_restart", keys="listen/systemd",
                         hint="listen and systemd settings take effect at the next restart")
             config = _keep_fixed(config, old)
+        if replace(old.limits, max_body_bytes=0) != replace(config.limits, max_body_bytes=0):
+            log.warning("reload_needs_restart", keys="limits (all but max_body_bytes)",
+                        hint="the HTTP server's limits take effect at the next restart")
         switcher.reload(config)
         log.info("reloaded", models=len(config.models), backends=len(config.backends))
     notify.notify("READY=1")
