@@ -97,7 +97,7 @@ def uvicorn_config(app: Any, config: Config) -> uvicorn.Config:
     keep-alive timeout is limits.idle_connection. Limits other than max_body_bytes apply at start only."""
     return uvicorn.Config(
         app, host=config.listen.host, port=config.listen.port, loop="none",
-        http=httpserver.protocol_class(config.limits), lifespan="off", log_level="warning", access_log=False,
+        http=httpserver.protocol_class(config.limits), ws="none", lifespan="off", log_level="warning", access_log=False,
         timeout_graceful_shutdown=SHUTDOWN_GRACE, timeout_keep_alive=config.limits.idle_connection,  # type: ignore[arg-type]
         backlog=2048)
 

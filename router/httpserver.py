@@ -50,6 +50,8 @@ class _Transport:
     def __init__(self, transport: asyncio.Transport, protocol: LimitedHttpToolsProtocol) -> None:
         self._transport = transport
         self._protocol = protocol
+        self.write = transport.write  # the hot path: no __getattr__ per call
+        self.is_closing = transport.is_closing
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
@@ -211,6 +213,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True  # what follows is the next request's head
         self._head_bytes = 0
         self._head_started = False
+
+    def _unsupported_upgrade_warning(self) -> None:
+        pass  # the router serves no WebSocket: such a request is answered as plain HTTP (404), no log noise
 
     def send_400_response(self, msg: str) -> None:
         self._disarm()

@@ -431,6 +431,17 @@ async def test_invalid_http_is_json_400() -> None:
         writer.close()
 
 
+async def test_websocket_upgrade_is_plain_http(caplog: pytest.LogCaptureFixture) -> None:
+    async with server() as port:
+        reader, writer = await connect(port)
+        writer.write(b"GET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n"
+                     b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n")
+        status, _, body = await read_response(reader)
+        assert status == 200 and json.loads(body)["object"] == "list"
+        writer.close()
+    assert "upgrade" not in caplog.text.lower()
+
+
 async def test_connections_past_the_cap_get_503_and_one_warning() -> None:
     limits = replace(TIGHT, max_connections=5, idle_connection=5, header_timeout=5)
     async with server(limits) as port:
