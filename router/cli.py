@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from router import __version__
-from router.config import ConfigError, load_config, resolve_config_dir
+from router.config import Config, ConfigError, load_config, resolve_config_dir
 
 
 def _daemon_url(args: argparse.Namespace, admin: bool = False) -> tuple[str, str | None]:
@@ -80,7 +80,26 @@ def cmd_check(args: argparse.Namespace) -> int:
         if program and program.startswith("/") and not os.access(program, os.X_OK):
             print(f"warning: models.{model.id}.command: {program} is not an executable file on this host "
                   "(the model will fail to load until it is)", file=sys.stderr)
+    for warning in _symlink_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _symlink_warnings(config: Config) -> list[str]:
+    """Paths the router writes that are symlinks: it refuses them at load time (router/atomicfile.py)."""
+    found: list[str] = []
+    for backend in config.backends.values():
+        if backend.config_file is not None and backend.config_file.is_symlink():
+            found.append(f"backends.{backend.name}.config_file: {backend.config_file} is a symbolic link (to "
+                         f"{os.readlink(backend.config_file)}); the router never writes through a symlink, so "
+                         "loading a model that sets model_name will fail: set config_file to the real path")
+    for unit in config.managed_units():
+        directory = config.systemd.dropin_dir / f"{unit}.d"
+        if directory.is_symlink():
+            found.append(f"{directory} is a symbolic link (to {os.readlink(directory)}); the router never writes "
+                         f"drop-ins through a symlink, so loading a model with a command or env on {unit} will "
+                         "fail: replace the link with a directory")
+    return found
 
 
 def _count(n: int, noun: str) -> str:

@@ -717,3 +717,29 @@ def test_check_and_reload_report_bombs_as_file_line(tmp_path: Path, bad: str,
     switcher = SimpleNamespace(reload_error=None)
     asyncio.run(daemon.reload(switcher, tmp_path))  # type: ignore[arg-type]
     assert switcher.reload_error is not None and "invalid YAML" in switcher.reload_error[0]
+
+
+def test_check_warns_about_a_symlinked_config_file_or_dropin_dir(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from router import cli
+
+    real = tmp_path / "real.yml"
+    real.write_text("model: {model_name: x}\n")
+    link = tmp_path / "tabby.yml"
+    link.symlink_to(real)
+    dropins = tmp_path / "dropins"
+    dropins.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (dropins / "tabbyapi.service.d").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "config.yml").write_text(f"systemd: {{dropin_dir: {dropins}}}\nbackends:\n  tabby: {{unit: "
+                                         f"tabbyapi.service, url: 'http://h:1', config_file: {link}}}\n")
+    (tmp_path / "models.yml").write_text("models:\n  m: {backend: tabby, model_name: M}\n")
+    assert cli.main(["check", "--config-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"warning: backends.tabby.config_file: {link} is a symbolic link (to {real}); the router never writes "
+        "through a symlink, so loading a model that sets model_name will fail: set config_file to the real path",
+        f"warning: {dropins / 'tabbyapi.service.d'} is a symbolic link (to {tmp_path / 'elsewhere'}); the router "
+        "never writes drop-ins through a symlink, so loading a model with a command or env on "
+        "tabbyapi.service will fail: replace the link with a directory",
+    ]
