@@ -45,19 +45,31 @@ def _response(status: int, reason: str, message: str, code: str) -> bytes:
 
 
 class _Transport:
-    """The connection's transport as uvicorn sees it: close() lingers while a request body is unread."""
+    """The connection's transport as uvicorn sees it: close() may linger (see LimitedHttpToolsProtocol),
+    and a lingering connection is closing: nothing more is written to it."""
 
     def __init__(self, transport: asyncio.Transport, protocol: LimitedHttpToolsProtocol) -> None:
-        self._transport = transport
+        self.real = transport
         self._protocol = protocol
-        self.write = transport.write  # the hot path: no __getattr__ per call
-        self.is_closing = transport.is_closing
+        self.write: Any = transport.write  # the hot path: no __getattr__ per call
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
+        return getattr(self.real, name)
+
+    def is_closing(self) -> bool:
+        return self._protocol.lingering or self.real.is_closing()
 
     def close(self) -> None:
         self._protocol.close_connection()
+
+    def linger(self) -> None:
+        """Half-close: the answer already written goes out, nothing more will."""
+        self.write = _drop
+        self.real.write_eof()
+
+
+def _drop(data: bytes) -> None:
+    pass
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -89,7 +101,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_started = False  # a byte of the current head has arrived
         self._heads_done = 0  # request heads parsed on this connection
         self._deadline: asyncio.TimerHandle | None = None
-        self._lingering = False
+        self.lingering = False  # half-closed, reading and dropping until the LINGER timer closes it
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -115,26 +127,39 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             cls._last_warning = now
             cls._refused = 0
         self.connections.discard(self)
-        self.transport.write(_response(503, "Service Unavailable", "The router has too many open connections "
-                                       "right now; retry shortly.", "too_many_connections"))
+        self._refuse(_response(503, "Service Unavailable", "The router has too many open connections right now; "
+                               "retry shortly.", "too_many_connections"))
+
+    def _refuse(self, response: bytes) -> None:
+        """Answer `response` (an error) and close, unless an answer is already on its way: then just close
+        (writing now would corrupt it)."""
+        self._disarm()
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and self.cycle.response_started and not self.cycle.response_complete:
+            self._real.close()
+            return
+        self.transport.write(response)
         self.transport.close()
+
+    @property
+    def _real(self) -> asyncio.Transport:
+        return cast("_Transport", self.transport).real
 
     def close_connection(self) -> None:
         """Close, or linger first when the client may still be sending a request."""
-        transport = cast("_Transport", self.transport)._transport
-        if self._lingering or transport.is_closing():
+        if self.lingering or self._real.is_closing():
             return
+        self._disarm()
         sending = (self._in_head and self._head_started) or (
             not self._in_head and self.cycle is not None and self.cycle.more_body)
-        if not sending or not transport.can_write_eof():
-            self._disarm()
-            transport.close()
+        if not sending or not self._real.can_write_eof():
+            self._real.close()
             return
-        self._lingering = True
+        self.lingering = True
         self.flow.resume_reading()
-        transport.write_eof()
-        self._disarm()
-        self._deadline = self.loop.call_later(LINGER, transport.close)
+        cast("_Transport", self.transport).linger()
+        self._deadline = self.loop.call_later(LINGER, self._real.close)
 
     # --- timers -------------------------------------------------------------------------------
 
@@ -155,19 +180,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._arm(self.limits.header_timeout)
             return
         if self._in_head and self._head_started:
-            self.transport.write(_response(408, "Request Timeout", "The request head (request line and headers) "
-                                           f"did not arrive within {self.limits.header_timeout:g}s.",
-                                           "request_timeout"))
-            self.transport.close()  # lingers: the client may still be dripping its head
+            self._refuse(_response(408, "Request Timeout", "The request head (request line and headers) did not "
+                                   f"arrive within {self.limits.header_timeout:g}s.", "request_timeout"))
             return
         # a connection that never sent a byte, or a body that stopped arriving: close now (the app, if
         # it was reading the body, sees the client leave)
-        cast("_Transport", self.transport)._transport.close()
+        self._real.close()
 
     # --- parsing ------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self._lingering:
+        if self.lingering:
             return
         if not self._in_head:
             if self.cycle is not None and not self.cycle.response_complete and self.cycle.more_body:
@@ -182,12 +205,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         heads_done = self._heads_done
         super().data_received(data[:room])  # the head may end within the cap...
         if self._heads_done == heads_done:  # ...it did not: refuse before buffering any more of it
-            self._disarm()
-            if not self.transport.is_closing():
-                self.transport.write(_response(431, "Request Header Fields Too Large", "The request line and "
-                                               f"headers are larger than {self.limits.max_header_bytes} bytes "
-                                               "(limits.max_header_bytes).", "headers_too_large"))
-                self.transport.close()
+            self._refuse(_response(431, "Request Header Fields Too Large", "The request line and headers are "
+                                   f"larger than {self.limits.max_header_bytes} bytes (limits.max_header_bytes).",
+                                   "headers_too_large"))
             return
         if self.parser is not None and not self.transport.is_closing():
             self.data_received(data[room:])
@@ -218,6 +238,4 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         pass  # the router serves no WebSocket: such a request is answered as plain HTTP (404), no log noise
 
     def send_400_response(self, msg: str) -> None:
-        self._disarm()
-        self.transport.write(_response(400, "Bad Request", f"{msg} The router speaks HTTP/1.1.", "invalid_http"))
-        self.transport.close()
+        self._refuse(_response(400, "Bad Request", f"{msg} The router speaks HTTP/1.1.", "invalid_http"))

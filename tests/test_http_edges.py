@@ -402,6 +402,19 @@ async def test_headers_under_the_cap_with_a_body_in_the_same_packet_pass() -> No
         writer.close()
 
 
+async def test_pipelined_requests_and_a_later_oversized_head() -> None:
+    async with server() as port:
+        reader, writer = await connect(port)
+        writer.write(chat_request() * 3)  # three requests in one packet
+        for _ in range(3):
+            assert (await read_response(reader))[0] == 200
+        writer.write(b"GET /v1/models HTTP/1.1\r\nx-big: " + b"a" * 5000 + b"\r\n\r\n")  # over 2048
+        status, _, body = await read_response(reader)
+        assert status == 431 and json.loads(body)["error"]["code"] == "headers_too_large"
+        assert await closed(reader)
+        writer.close()
+
+
 async def test_body_that_stops_arriving_closes_the_connection() -> None:
     async with server() as port:
         reader, writer = await connect(port)
