@@ -503,10 +503,10 @@ class _Checker:
                 keys.append(key)
         return tuple(dict.fromkeys(keys))
 
-    def api_key(self, item: _Item, path: str) -> str | None:
+    def api_key(self, item: _Item, path: str, *, what: str = "a non-empty string (an API key)") -> str | None:
         """One API key: a non-empty string a client can send in a header (no control characters, no
         surrounding spaces, which HTTP strips)."""
-        key = self.string(item, path, what="a non-empty string (an API key)")
+        key = self.string(item, path, what=what)
         if key is None:
             return None
         if not _control_free(key):
@@ -697,9 +697,7 @@ def _parse_config_yml(chk: _Checker, root: Node | object | None, environ: Mappin
     if (item := top.get("api_key")) is not None and not (
         isinstance(item.node, ScalarNode) and item.node.tag == _NULL
     ):
-        out.api_key = chk.string(item, "api_key", what="a non-empty string (or null for no key)")
-        if out.api_key is not None:
-            out.api_key = chk.api_key(item, "api_key")
+        out.api_key = chk.api_key(item, "api_key", what="a non-empty string (or null for no key)")
     out.api_keys = chk.keys(top.get("api_keys"), "api_keys")
     out.admin_api_keys = chk.keys(top.get("admin_api_keys"), "admin_api_keys")
 
