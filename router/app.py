@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import time
@@ -18,8 +19,10 @@ from starlette.routing import Route
 
 from router import gpu
 from router.chunks import error_body, strip_history
+from router.config import Config
 from router.observability import Observability
 from router.proxy import Call, Relay, upstream_headers
+from router.requestbody import BadBody, ClientLeft, check_stream, parse_body, read_body
 from router.scheduler import PRIORITIES
 from router.switcher import Failed, Granted, Status, Switcher, failure_status
 
@@ -31,6 +34,25 @@ def bad_request(message: str, code: str, param: str | None = None) -> JSONRespon
     return JSONResponse(error_body(message, code, "invalid_request_error", param), status_code=400)
 
 
+def refuse(bad: BadBody) -> JSONResponse:
+    """The answer to a body router.requestbody refused."""
+    return JSONResponse(error_body(bad.message, bad.code, "invalid_request_error", bad.param),
+                        status_code=bad.status, headers={"connection": "close"} if bad.close else None)
+
+
+def _digests(keys: tuple[str, ...]) -> tuple[bytes, ...]:
+    return tuple(hashlib.sha256(k.encode("utf-8")).digest() for k in keys)
+
+
+def _bearer(header: str | None) -> bytes | None:
+    """The token of an `Authorization: Bearer TOKEN` header, as the bytes the client sent."""
+    scheme, _, token = (header or "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token.encode("latin-1")  # starlette decodes header bytes as latin-1: this gives them back
+
+
 class Api:
     """The request handlers; every state question goes to the switcher."""
 
@@ -38,20 +60,43 @@ class Api:
         self.switcher = switcher
         self.http = http
         self.relay = Relay(switcher, http)
+        self._keys_of: Config | None = None  # the config the digests below were made from
+        self._client_digests: tuple[bytes, ...] = ()
+        self._admin_digests: tuple[bytes, ...] = ()
 
-    def _authorized(self, request: Request) -> bool:
-        key = self.switcher.config.api_key
-        if not key:
+    def _allowed(self, admin: bool) -> tuple[bytes, ...]:
+        """SHA-256 digests of the keys that open an endpoint (admin: admin_api_keys when set); () = open."""
+        config = self.switcher.config
+        if self._keys_of is not config:
+            self._client_digests = _digests(config.client_keys)
+            self._admin_digests = _digests(config.admin_api_keys)
+            self._keys_of = config
+        return self._admin_digests if admin and self._admin_digests else self._client_digests
+
+    def _authorized(self, request: Request, admin: bool = False) -> bool:
+        allowed = self._allowed(admin)
+        if not allowed:
             return True
-        given = request.headers.get("authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
+        token = _bearer(request.headers.get("authorization"))
+        if token is None:
+            return False
+        given = hashlib.sha256(token).digest()
+        match = False
+        for digest in allowed:  # equal-length digests, every key compared: no timing hint at which one
+            match |= hmac.compare_digest(digest, given)
+        return match
 
-    def guarded(self, handler: Handler) -> Handler:
+    def guarded(self, handler: Handler, admin: bool = False) -> Handler:
+        """`handler` behind the API keys; admin: behind admin_api_keys when those are set."""
+
         async def wrapper(request: Request) -> Response:
-            if not self._authorized(request):
-                return JSONResponse(error_body("Missing or wrong API key: send `Authorization: Bearer <api_key>` "
-                                               "with the api_key from config.yml.", "invalid_api_key"),
-                                    status_code=401)
+            if not self._authorized(request, admin):
+                if admin and self.switcher.config.admin_api_keys:
+                    which = "one of the admin_api_keys from config.yml (client keys do not open /admin)"
+                else:
+                    which = "one of the API keys (api_key or api_keys in config.yml, or $LLM_ROUTER_API_KEYS_FILE)"
+                return JSONResponse(error_body(f"Missing or wrong API key: send `Authorization: Bearer <key>` "
+                                               f"with {which}.", "invalid_api_key"), status_code=401)
             return await handler(request)
 
         return wrapper
@@ -76,13 +121,17 @@ class Api:
 
     async def _complete(self, request: Request, path: str, required: str) -> Response:
         config = self.switcher.config
-        raw = await request.body()
         try:
-            body = json.loads(raw)
-        except ValueError as e:
-            return bad_request(f"The request body is not valid JSON: {e}.", "invalid_json")
-        if not isinstance(body, dict):
-            return bad_request("The request body must be a JSON object.", "invalid_json")
+            raw = await read_body(request, config.limits.max_body_bytes)
+        except ClientLeft:
+            return Response(status_code=400)  # nobody reads it
+        if isinstance(raw, BadBody):
+            return refuse(raw)
+        body = parse_body(raw)
+        if isinstance(body, BadBody):
+            return refuse(body)
+        if (bad := check_stream(body)) is not None:
+            return refuse(bad)
         model_id = body.get("model")
         if model_id is None or model_id == "":
             return bad_request("The request has no `model`: name one of GET /v1/models.", "missing_field", "model")
@@ -115,7 +164,7 @@ class Api:
             return bad_request("X-Request-Priority must be high, normal or low.", "invalid_header")
         upstream = json.dumps(body, ensure_ascii=False).encode() if changed else raw
         call = Call(path=path, model_id=model_id, body=upstream,
-                    headers=upstream_headers(request, drop_auth=bool(config.api_key)),
+                    headers=upstream_headers(request, drop_auth=bool(config.client_keys)),
                     stream=stream, client_usage=client_usage, ticket=self.switcher.submit(model_id, priority))
         try:
             return await self.relay.handle(request, call)
@@ -188,10 +237,13 @@ class Api:
 
     async def admin_load(self, request: Request) -> Response:
         try:
-            body = json.loads(await request.body() or b"{}")
-        except ValueError as e:
-            return bad_request(f"The request body is not valid JSON: {e}.", "invalid_json")
-        model_id = body.get("model") if isinstance(body, dict) else None
+            raw = await read_body(request, self.switcher.config.limits.max_body_bytes)
+        except ClientLeft:
+            return Response(status_code=400)  # nobody reads it
+        body = parse_body(raw or b"{}") if not isinstance(raw, BadBody) else raw
+        if isinstance(body, BadBody):
+            return refuse(body)
+        model_id = body.get("model")
         if not isinstance(model_id, str) or model_id not in self.switcher.config.models:
             known = ", ".join(self.switcher.config.models)
             return JSONResponse(error_body(f"Unknown model `{model_id}`. Known models: {known}.",
@@ -245,10 +297,16 @@ def create_app(switcher: Switcher, http: httpx.AsyncClient, observability: Obser
         Route("/v1/completions", g(api.completions), methods=["POST"]),
         Route("/v1/embeddings", g(api.embeddings), methods=["POST"]),
         Route("/status", g(api.status), methods=["GET"]),
-        Route("/admin/load", g(api.admin_load), methods=["POST"]),
-        Route("/admin/unload", g(api.admin_unload), methods=["POST"]),
+        Route("/admin/load", g(api.admin_load, admin=True), methods=["POST"]),
+        Route("/admin/unload", g(api.admin_unload, admin=True), methods=["POST"]),
     ] + (observability.routes(g) if observability else [])  # /metrics, /events, /logs/{model}, /history
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _internal_error})
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """A bug still answers JSON (uvicorn logs the traceback once, for the bug report)."""
+    return JSONResponse(error_body(f"Internal error in the router ({type(exc).__name__}); the router's log has "
+                                   "the details.", "internal_error", "server_error"), status_code=500)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

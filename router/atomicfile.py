@@ -1,11 +1,18 @@
-"""Replace files atomically and durably (same-directory temp file, fsync, rename), or remove them."""
+"""Replace files atomically and durably (same-directory temp file, fsync, rename), or remove them.
+
+Never through a symlink: the file and the directory that holds it are opened without following
+one (O_NOFOLLOW, then *at() calls on that directory), so a link planted there cannot redirect a
+write by the router (root) to another file; the error names the link.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import secrets
 import stat
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 NEW_FILE_MODE = 0o644
@@ -15,48 +22,114 @@ def write_atomic(path: Path, data: str) -> bool:
     """Make `path` hold `data` (UTF-8); False, with nothing written, when it already does.
 
     Readers see the old file or the new one, never a mix. The file keeps its mode and owner (new files
-    get 0644); a symlink is written through to its target. Missing parent directories are created.
+    get 0644). Missing parent directories are created. A symlink as the file or as its directory is
+    refused (OSError ELOOP naming the link); so is anything but a regular file.
     """
-    target = Path(os.path.realpath(path))
+    target = Path(path)
     content = data.encode("utf-8")
-    try:
-        with open(target, "rb") as f:
-            if f.read(len(content) + 1) == content:
-                return False
-    except FileNotFoundError:
-        pass
-    try:
-        old: os.stat_result | None = os.stat(target)
-    except FileNotFoundError:
-        old = None
-
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if old is not None:
-                _copy_owner(f.fileno(), old)
-            os.fchmod(f.fileno(), stat.S_IMODE(old.st_mode) if old is not None else NEW_FILE_MODE)
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(target.parent)
+    with _directory(target.parent) as dfd:
+        old = _regular_or_none(target, dfd)
+        if old is not None:
+            with os.fdopen(_open_nofollow(target, os.O_RDONLY, dfd), "rb") as f:
+                if f.read(len(content) + 1) == content:
+                    return False
+        fd, tmp = _temp_file(target.name, dfd)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                if old is not None:
+                    _copy_owner(f.fileno(), old)
+                os.fchmod(f.fileno(), stat.S_IMODE(old.st_mode) if old is not None else NEW_FILE_MODE)
+                f.write(content)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
+        os.fsync(dfd)
     return True
 
 
 def remove_file(path: Path) -> bool:
-    """Delete `path` durably; False when it did not exist."""
+    """Delete `path` durably; False when it did not exist. Refuses a symlinked directory (ELOOP)."""
+    target = Path(path)
     try:
-        os.unlink(path)
+        with _directory(target.parent) as dfd:
+            os.unlink(target.name, dir_fd=dfd)
+            os.fsync(dfd)
     except FileNotFoundError:
         return False
-    _fsync_dir(Path(path).parent)
     return True
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of `path`, refusing a symlink (OSError ELOOP naming it) as the file or its directory."""
+    target = Path(path)
+    with _directory(target.parent) as dfd, os.fdopen(_open_nofollow(target, os.O_RDONLY, dfd), "rb") as f:
+        return f.read().decode("utf-8")
+
+
+# --- no symlinks: the directory is opened once without following a link, then used through *at() calls ---
+
+
+def _symlink_error(link: Path, what: str) -> OSError:
+    try:
+        to = f" (to {os.readlink(link)})"
+    except OSError:
+        to = ""
+    return OSError(errno.ELOOP, f"{what} {link} is a symbolic link{to}; the router never writes through a "
+                                "symlink (a link could send its write to any file): point the configuration at the "
+                                "real path, or replace the link with the real file or directory")
+
+
+@contextlib.contextmanager
+def _directory(directory: Path) -> Iterator[int]:
+    """A file descriptor of `directory`, which must not itself be a symlink."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(directory):
+            raise _symlink_error(directory, "the directory") from None
+        raise
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _regular_or_none(target: Path, dfd: int) -> os.stat_result | None:
+    """The file's stat; None when it does not exist; OSError when it is a symlink or not a regular file."""
+    try:
+        st = os.stat(target.name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        raise _symlink_error(target, "the file")
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, f"{target} is not a regular file; the router only replaces regular files")
+    return st
+
+
+def _open_nofollow(target: Path, flags: int, dfd: int) -> int:
+    try:
+        return os.open(target.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _symlink_error(target, "the file") from None
+        raise
+
+
+def _temp_file(name: str, dfd: int) -> tuple[int, str]:
+    """A new, empty, private file next to `name` (the same directory, so that rename is atomic)."""
+    while True:
+        tmp = f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                           dir_fd=dfd), tmp
+        except FileExistsError:
+            continue
 
 
 def _copy_owner(fd: int, old: os.stat_result) -> None:
@@ -74,10 +147,3 @@ def _copy_owner(fd: int, old: os.stat_result) -> None:
         with contextlib.suppress(PermissionError):
             os.fchown(fd, -1, old.st_gid)
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

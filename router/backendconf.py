@@ -10,6 +10,8 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode
 
+from router import yamlsafe  # bounded: the file may come from a less trusted user
+
 _NULL = "tag:yaml.org,2002:null"
 _SECTION = "model"
 _KEY = "model_name"
@@ -18,7 +20,7 @@ _KEY = "model_name"
 def read_model_name(text: str) -> str | None:
     """`model.model_name` of a YAML text, or None when it is absent, not a string, or the text is not YAML."""
     try:
-        data = yaml.safe_load(text)
+        data = yamlsafe.safe_load(text)
     except yaml.YAMLError:
         return None
     if not isinstance(data, dict) or not isinstance(data.get(_SECTION), dict):
@@ -32,8 +34,8 @@ def set_model_name(text: str, name: str) -> str:
     if name == "" or any(c in name for c in "\0"):
         raise ValueError(f"cannot write model_name {name!r}: it must be a non-empty string without NUL")
     try:
-        before = yaml.safe_load(text)
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        before = yamlsafe.safe_load(text)
+        root = yamlsafe.compose(text)
     except yaml.YAMLError as exc:
         raise ValueError(f"the file is not valid YAML, so it was not edited: {exc}") from exc
     if before is None:
@@ -51,7 +53,7 @@ def set_model_name(text: str, name: str) -> str:
     expected = copy.deepcopy(before)
     expected[_SECTION] = {**(expected.get(_SECTION) or {}), _KEY: name}
     try:
-        after = yaml.safe_load(result)
+        after = yamlsafe.safe_load(result)
     except yaml.YAMLError as exc:
         raise ValueError(f"setting model.model_name would break the file's YAML ({exc}); "
                          "edit it by hand") from exc
@@ -161,7 +163,7 @@ def _scalar(name: str) -> str:
 
 def _reads_back(written: str, name: str) -> bool:
     try:
-        data: Any = yaml.safe_load(f"{_KEY}: {written}\n")
+        data: Any = yamlsafe.safe_load(f"{_KEY}: {written}\n")
     except yaml.YAMLError:
         return False
     return isinstance(data, dict) and data.get(_KEY) == name

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from router import __version__
-from router.config import ConfigError, load_config, resolve_config_dir
+from router.config import Config, ConfigError, load_config, resolve_config_dir
 
 
-def _daemon_url(args: argparse.Namespace) -> tuple[str, str | None]:
-    """The daemon's URL and API key: --url / --api-key / $LLM_ROUTER_API_KEY, else from config.yml."""
+def _daemon_url(args: argparse.Namespace, admin: bool = False) -> tuple[str, str | None]:
+    """The daemon's URL and API key: --url / --api-key / $LLM_ROUTER_API_KEY, else from config.yml (for
+    /admin: its first admin_api_keys entry when set, else its first client key)."""
     url, key = "http://127.0.0.1:8002", None
     try:
         config = load_config(resolve_config_dir(args.config_dir))
@@ -22,7 +23,8 @@ def _daemon_url(args: argparse.Namespace) -> tuple[str, str | None]:
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
         url = f"http://{'[' + host + ']' if ':' in host else host}:{config.listen.port}"
-        key = config.api_key
+        keys = (config.admin_api_keys if admin else ()) or config.client_keys
+        key = keys[0] if keys else None
     except (ConfigError, OSError):
         pass  # the defaults will do; the request says if they don't
     if args.url:
@@ -30,10 +32,10 @@ def _daemon_url(args: argparse.Namespace) -> tuple[str, str | None]:
     return url, args.api_key or os.environ.get("LLM_ROUTER_API_KEY") or key
 
 
-def _client(args: argparse.Namespace) -> Any:
+def _client(args: argparse.Namespace, admin: bool = False) -> Any:
     import httpx
 
-    url, key = _daemon_url(args)
+    url, key = _daemon_url(args, admin)
     headers = {"authorization": f"Bearer {key}"} if key else {}
     return httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(10.0, read=None), trust_env=False)
 
@@ -78,7 +80,26 @@ def cmd_check(args: argparse.Namespace) -> int:
         if program and program.startswith("/") and not os.access(program, os.X_OK):
             print(f"warning: models.{model.id}.command: {program} is not an executable file on this host "
                   "(the model will fail to load until it is)", file=sys.stderr)
+    for warning in _symlink_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _symlink_warnings(config: Config) -> list[str]:
+    """Paths the router writes that are symlinks: it refuses them at load time (router/atomicfile.py)."""
+    found: list[str] = []
+    for backend in config.backends.values():
+        if backend.config_file is not None and backend.config_file.is_symlink():
+            found.append(f"backends.{backend.name}.config_file: {backend.config_file} is a symbolic link (to "
+                         f"{os.readlink(backend.config_file)}); the router never writes through a symlink, so "
+                         "loading a model that sets model_name will fail: set config_file to the real path")
+    for unit in config.managed_units():
+        directory = config.systemd.dropin_dir / f"{unit}.d"
+        if directory.is_symlink():
+            found.append(f"{directory} is a symbolic link (to {os.readlink(directory)}); the router never writes "
+                         f"drop-ins through a symlink, so loading a model with a command or env on {unit} will "
+                         "fail: replace the link with a directory")
+    return found
 
 
 def _count(n: int, noun: str) -> str:
@@ -97,7 +118,7 @@ def _call(args: argparse.Namespace, method: str, path: str) -> Any:
     import httpx
 
     try:
-        with _client(args) as client:
+        with _client(args, admin=path.startswith("/admin/")) as client:
             r = client.request(method, path)
     except httpx.HTTPError as e:
         raise _DaemonError(_unreachable(args, e)) from e
@@ -185,7 +206,7 @@ def cmd_switch(args: argparse.Namespace) -> int:
     import httpx
 
     try:
-        with _client(args) as client, client.stream("POST", "/admin/load", json={"model": args.model}) as r:
+        with _client(args, admin=True) as client, client.stream("POST", "/admin/load", json={"model": args.model}) as r:
             if r.status_code != 200:
                 r.read()
                 print(f"llm-router: {_error_text(r)}", file=sys.stderr)

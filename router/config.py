@@ -15,11 +15,14 @@ from urllib.parse import urlsplit
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from router import yamlsafe
+
 DEFAULT_CONFIG_DIR = Path("/etc/llm-router")
 STATUS_CHANNELS = ("event", "reasoning", "content", "none")
 BUSES = ("system", "user")
 CONFIG_FILE = "config.yml"
 MODELS_FILE = "models.yml"
+API_KEYS_FILE_ENV = "LLM_ROUTER_API_KEYS_FILE"  # more client keys, one a line, kept out of config.yml
 
 # Characters systemd reads as ExecStart= prefixes (systemd.service(5), "Special executable prefixes").
 EXEC_PREFIX_CHARS = "-@:+!"
@@ -210,15 +213,29 @@ def load_config(config_dir: Path, environ: Mapping[str, str] = os.environ) -> Co
             problems.append(Problem(path, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"))
         except OSError as exc:
             problems.append(Problem(path, None, f"cannot read: {exc.strerror or exc}"))
+    keys_file: tuple[Path, str] | None = None
+    if environ.get(API_KEYS_FILE_ENV):
+        path = Path(environ[API_KEYS_FILE_ENV])
+        try:
+            keys_file = (path, path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = (f"not valid UTF-8 ({exc.reason})" if isinstance(exc, UnicodeDecodeError)
+                      else f"cannot read it: {exc.strerror or exc}")
+            problems.append(Problem(path, None, f"the API keys file named by ${API_KEYS_FILE_ENV}: {reason}; "
+                                                "fix it, or unset the variable"))
     if problems:
         raise ConfigError(problems)
-    return parse_config(texts[CONFIG_FILE], texts[MODELS_FILE], config_dir, environ)
+    return parse_config(texts[CONFIG_FILE], texts[MODELS_FILE], config_dir, environ, keys_file=keys_file)
 
 
 def parse_config(
-    config_text: str, models_text: str, config_dir: Path, environ: Mapping[str, str] = os.environ
+    config_text: str, models_text: str, config_dir: Path, environ: Mapping[str, str] = os.environ,
+    *, keys_file: tuple[Path, str] | None = None,
 ) -> Config:
-    """Validate the two files' contents and build the Config; raise ConfigError listing every problem."""
+    """Validate the two files' contents and build the Config; raise ConfigError listing every problem.
+
+    `keys_file` is the path and text of $LLM_ROUTER_API_KEYS_FILE (read by load_config), if set.
+    """
     config_file = config_dir / CONFIG_FILE
     models_file = config_dir / MODELS_FILE
     cchk = _Checker(config_file)
@@ -231,7 +248,11 @@ def parse_config(
     if mroot is not _BROKEN:
         models = _parse_models_yml(mchk, cast("Node | None", mroot), settings)
 
-    problems = sorted(cchk.problems, key=_line_key) + sorted(mchk.problems, key=_line_key)
+    file_keys: list[str] = []
+    kproblems: list[Problem] = []
+    if keys_file is not None:
+        file_keys, kproblems = parse_keys_file(*keys_file)
+    problems = sorted(cchk.problems, key=_line_key) + sorted(mchk.problems, key=_line_key) + kproblems
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -241,9 +262,32 @@ def parse_config(
         switch=settings.switch,
         stats=settings.stats,
         api_key=settings.api_key,
+        api_keys=tuple(dict.fromkeys([*settings.api_keys, *file_keys])),
+        admin_api_keys=settings.admin_api_keys,
+        timeouts=settings.timeouts,
+        limits=settings.limits,
         backends=settings.backends,
         models=models,
     )
+
+
+def parse_keys_file(path: Path, text: str) -> tuple[list[str], list[Problem]]:
+    """The keys of an API keys file (one a line; blank lines and `#` comments skipped) and its problems."""
+    keys: list[str] = []
+    problems: list[Problem] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        key = line.strip()
+        if not key or key.startswith("#"):
+            continue
+        if not _control_free(key):
+            problems.append(Problem(path, number, "an API key must not contain control characters"))
+            continue
+        keys.append(key)
+    if not keys and not problems:
+        problems.append(Problem(path, None, f"the API keys file named by ${API_KEYS_FILE_ENV} holds no key, "
+                                            "so clients would need none: add keys (one a line), or unset "
+                                            "the variable"))
+    return keys, problems
 
 
 def _line_key(problem: Problem) -> int:
@@ -303,7 +347,7 @@ class _Checker:
 
     def compose(self, text: str) -> Node | object | None:
         try:
-            return yaml.compose(text, Loader=yaml.SafeLoader)
+            return yamlsafe.compose(text)
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             what = ": ".join(x for x in (exc.context, exc.problem) if x) or "syntax error"
@@ -316,6 +360,8 @@ class _Checker:
                                                           "allowed in a YAML file; remove it"))
         except yaml.YAMLError as exc:
             self.problems.append(Problem(self.file, None, f"invalid YAML: {exc}"))
+        except RecursionError:  # not expected past yamlsafe's depth bound; never a traceback
+            self.problems.append(Problem(self.file, None, "invalid YAML: nested too deep; flatten the file"))
         return _BROKEN
 
     def value(self, node: ScalarNode, path: str) -> Any:
@@ -426,6 +472,52 @@ class _Checker:
             return default
         return float(value)
 
+    def integer(self, item: _Item | None, path: str, default: int, *, minimum: int, what: str) -> int:
+        """A whole number >= minimum (booleans and floats are not)."""
+        if item is None:
+            return default
+        expected = f"{what}, a whole number >= {minimum}"
+        value = self.scalar(item.node, path, expected)
+        if value is _BROKEN:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.problem(item.node, f"{path}: expected {expected}, got {_describe(item.node)}")
+            return default
+        if value < minimum:
+            self.problem(item.node, f"{path}: must be >= {minimum}, got {value}")
+            return default
+        return value
+
+    def keys(self, item: _Item | None, path: str) -> tuple[str, ...]:
+        """A list of API keys (null or [] for none)."""
+        if item is None or (isinstance(item.node, ScalarNode) and item.node.tag == _NULL):
+            return ()
+        if not isinstance(item.node, SequenceNode):
+            self.problem(item.node, f"{path}: expected a list of keys like [key1, key2], got "
+                                    f"{_describe(item.node)}")
+            return ()
+        keys: list[str] = []
+        for i, node in enumerate(item.node.value):
+            key = self.api_key(_Item(str(i), node, node), f"{path}[{i}]")
+            if key is not None:
+                keys.append(key)
+        return tuple(dict.fromkeys(keys))
+
+    def api_key(self, item: _Item, path: str, *, what: str = "a non-empty string (an API key)") -> str | None:
+        """One API key: a non-empty string a client can send in a header (no control characters, no
+        surrounding spaces, which HTTP strips)."""
+        key = self.string(item, path, what=what)
+        if key is None:
+            return None
+        if not _control_free(key):
+            self.problem(item.node, f"{path}: an API key must not contain control characters")
+            return None
+        if key != key.strip():
+            self.problem(item.node, f"{path}: an API key must not start or end with a space (HTTP drops them, "
+                                    "so no client could send it)")
+            return None
+        return key
+
     def string(
         self, item: _Item | None, path: str, default: str | None = None, *, what: str = "a non-empty string"
     ) -> str | None:
@@ -502,12 +594,17 @@ def _join(path: str, key: str) -> str:
 
 # --- config.yml -------------------------------------------------------------------------------------------
 
-_TOP_KEYS = ("listen", "systemd", "switch", "stats", "api_key", "backends")
+_TOP_KEYS = ("listen", "systemd", "switch", "timeouts", "limits", "stats", "api_key", "api_keys", "admin_api_keys",
+             "backends")
 _LISTEN_KEYS = ("host", "port")
 _SYSTEMD_KEYS = ("bus", "dropin_dir")
 _SWITCH_KEYS = (
     "load_timeout", "stop_timeout", "status_every", "status_channel", "keepalive_every", "health_interval",
+    "max_wait", "linger", "failure_cooldown", "max_queue",
 )
+_TIMEOUTS_KEYS = ("connect", "first_byte", "idle")
+_LIMITS_KEYS = ("max_body_bytes", "max_header_bytes", "idle_connection", "header_timeout", "max_connections")
+MIN_HEADER_BYTES = 1024  # below this no ordinary client gets a request through
 _BACKEND_KEYS = ("unit", "url", "health", "config_file", "warmup")
 
 
@@ -520,6 +617,10 @@ class _Settings:
     switch: SwitchSettings = field(default_factory=SwitchSettings)
     stats: bool = True
     api_key: str | None = None
+    api_keys: tuple[str, ...] = ()
+    admin_api_keys: tuple[str, ...] = ()
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
     backends: dict[str, Backend] = field(default_factory=dict)
     backend_names: list[str] = field(default_factory=list)  # every name written, valid or not
     backends_with_config_file: set[str] = field(default_factory=set)
@@ -563,13 +664,42 @@ def _parse_config_yml(chk: _Checker, root: Node | object | None, environ: Mappin
         ),
         keepalive_every=chk.number(sw.get("keepalive_every"), "switch.keepalive_every", d.keepalive_every),
         health_interval=chk.number(sw.get("health_interval"), "switch.health_interval", d.health_interval),
+        max_wait=chk.number(sw.get("max_wait"), "switch.max_wait", d.max_wait),
+        linger=chk.number(sw.get("linger"), "switch.linger", d.linger, strict=False),
+        failure_cooldown=chk.number(sw.get("failure_cooldown"), "switch.failure_cooldown", d.failure_cooldown,
+                                    strict=False),
+        max_queue=chk.integer(sw.get("max_queue"), "switch.max_queue", d.max_queue, minimum=1,
+                              what="a number of requests"),
+    )
+
+    to = chk.section(_node(top.get("timeouts")), "timeouts", _TIMEOUTS_KEYS)
+    t = Timeouts()
+    out.timeouts = Timeouts(
+        connect=chk.number(to.get("connect"), "timeouts.connect", t.connect),
+        first_byte=chk.number(to.get("first_byte"), "timeouts.first_byte", t.first_byte),
+        idle=chk.number(to.get("idle"), "timeouts.idle", t.idle),
+    )
+
+    li = chk.section(_node(top.get("limits")), "limits", _LIMITS_KEYS)
+    lim = Limits()
+    out.limits = Limits(
+        max_body_bytes=chk.integer(li.get("max_body_bytes"), "limits.max_body_bytes", lim.max_body_bytes,
+                                   minimum=1, what="a number of bytes"),
+        max_header_bytes=chk.integer(li.get("max_header_bytes"), "limits.max_header_bytes", lim.max_header_bytes,
+                                     minimum=MIN_HEADER_BYTES, what="a number of bytes"),
+        idle_connection=chk.number(li.get("idle_connection"), "limits.idle_connection", lim.idle_connection),
+        header_timeout=chk.number(li.get("header_timeout"), "limits.header_timeout", lim.header_timeout),
+        max_connections=chk.integer(li.get("max_connections"), "limits.max_connections", lim.max_connections,
+                                    minimum=1, what="a number of connections"),
     )
 
     out.stats = chk.boolean(top.get("stats"), "stats", True)
     if (item := top.get("api_key")) is not None and not (
         isinstance(item.node, ScalarNode) and item.node.tag == _NULL
     ):
-        out.api_key = chk.string(item, "api_key", what="a non-empty string (or null for no key)")
+        out.api_key = chk.api_key(item, "api_key", what="a non-empty string (or null for no key)")
+    out.api_keys = chk.keys(top.get("api_keys"), "api_keys")
+    out.admin_api_keys = chk.keys(top.get("admin_api_keys"), "admin_api_keys")
 
     _parse_backends(chk, top.get("backends"), out)
     return out

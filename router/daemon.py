@@ -8,12 +8,13 @@ import signal
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import structlog
 import uvicorn
 
-from router import notify
+from router import httpserver, notify
 from router.app import create_app
 from router.config import Config, ConfigError, load_config
 from router.executor import HealthProbe
@@ -84,10 +85,7 @@ async def serve(config_dir: Path) -> int:
         await http.aclose()
         return 3
     app = create_app(switcher, http, observability)
-    server = _Server(uvicorn.Config(
-        app, host=config.listen.host, port=config.listen.port, loop="none", http="httptools",
-        lifespan="off", log_level="warning", access_log=False, timeout_graceful_shutdown=SHUTDOWN_GRACE,
-        timeout_keep_alive=75))
+    server = _Server(uvicorn_config(app, config))
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload(switcher, config_dir)))
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -113,6 +111,16 @@ async def serve(config_dir: Path) -> int:
     return 0 if server.started else 4
 
 
+def uvicorn_config(app: Any, config: Config) -> uvicorn.Config:
+    """The HTTP server's settings: httptools with the router's limits (router/httpserver.py); the
+    keep-alive timeout is limits.idle_connection. Limits other than max_body_bytes apply at start only."""
+    return uvicorn.Config(
+        app, host=config.listen.host, port=config.listen.port, loop="none",
+        http=httpserver.protocol_class(config.limits), ws="none", lifespan="off", log_level="warning", access_log=False,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE, timeout_keep_alive=config.limits.idle_connection,  # type: ignore[arg-type]
+        backlog=2048)
+
+
 async def reload(switcher: Switcher, config_dir: Path) -> None:
     """SIGHUP: re-read both files; a valid config applies to the next request, an invalid one is refused."""
     notify.notify("RELOADING=1")
@@ -128,6 +136,9 @@ async def reload(switcher: Switcher, config_dir: Path) -> None:
             log.warning("reload_needs_restart", keys="listen/systemd",
                         hint="listen and systemd settings take effect at the next restart")
             config = _keep_fixed(config, old)
+        if replace(old.limits, max_body_bytes=0) != replace(config.limits, max_body_bytes=0):
+            log.warning("reload_needs_restart", keys="limits (all but max_body_bytes)",
+                        hint="the HTTP server's limits take effect at the next restart")
         switcher.reload(config)
         log.info("reloaded", models=len(config.models), backends=len(config.backends))
     notify.notify("READY=1")

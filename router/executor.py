@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from router import journal
-from router.atomicfile import remove_file, write_atomic
+from router.atomicfile import read_text, remove_file, write_atomic
 from router.backendconf import set_model_name
 from router.chunks import loading_line
 from router.config import Backend, Config, Model
@@ -203,7 +203,7 @@ class PlanExecutor:
                                    "Check the permissions of systemd.dropin_dir in config.yml.")
         if plan.config_file is not None and model.model_name is not None:
             try:
-                text = plan.config_file.read_text(encoding="utf-8")
+                text = read_text(plan.config_file)  # refuses a symlink, naming it
                 write_atomic(plan.config_file, set_model_name(text, model.model_name))
             except (OSError, ValueError) as e:
                 return LoadFailure(model.id, unit, f"cannot set model_name in {plan.config_file}: {e}.",

@@ -397,7 +397,7 @@ def read_listen(config_dir: Path) -> tuple[str, int, str]:
         from router.config import load_config
 
         config = load_config(config_dir)
-        return config.listen.host, config.listen.port, config.api_key or ""
+        return config.listen.host, config.listen.port, config.client_keys[0] if config.client_keys else ""
     except Exception:
         return "127.0.0.1", 8002, ""
 

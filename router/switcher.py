@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from router.atomicfile import read_text
 from router.backendconf import read_model_name
 from router.chunks import switching_line
 from router.config import Backend, Config, Model
@@ -471,6 +472,6 @@ def find_running_model(config: Config, running: set[str]) -> str | None:
 
 def _read(path: Path) -> str | None:
     try:
-        return path.read_text()
+        return read_text(path)  # never through a symlink
     except (OSError, UnicodeDecodeError):
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from router import atomicfile
-from router.atomicfile import remove_file, write_atomic
+from router.atomicfile import read_text, remove_file, write_atomic
 
 
 def mode(path: Path) -> int:
@@ -61,22 +62,12 @@ def test_keeps_owner(tmp_path: Path) -> None:
     assert (st.st_uid, st.st_gid) == (65534, 65534)
 
 
-def test_writes_through_a_symlink(tmp_path: Path) -> None:
-    real = tmp_path / "real.yml"
-    real.write_text("old\n")
-    link = tmp_path / "link.yml"
-    link.symlink_to(real)
-    assert write_atomic(link, "new\n") is True
-    assert link.is_symlink()
-    assert real.read_text() == "new\n"
-
-
 @pytest.mark.parametrize("failing", ["replace", "fsync"])
 def test_no_temp_file_left_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
     path = tmp_path / "config.yml"
     path.write_text("old\n")
 
-    def boom(*args: object) -> None:
+    def boom(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(atomicfile.os, failing, boom)
@@ -93,3 +84,58 @@ def test_remove_file(tmp_path: Path) -> None:
     assert remove_file(path) is True
     assert not path.exists()
     assert remove_file(path) is False
+
+
+def test_refuses_a_symlink_and_names_it(tmp_path: Path) -> None:
+    real = tmp_path / "real.yml"
+    real.write_text("old\n")
+    link = tmp_path / "link.yml"
+    link.symlink_to(real)
+    with pytest.raises(OSError) as info:
+        write_atomic(link, "new\n")
+    assert info.value.errno == errno.ELOOP
+    assert str(link) in str(info.value) and str(real) in str(info.value)
+    assert "never writes through a symlink" in str(info.value)
+    assert link.is_symlink() and real.read_text() == "old\n"
+    assert sorted(os.listdir(tmp_path)) == ["link.yml", "real.yml"]
+
+
+def test_refuses_a_dangling_symlink(tmp_path: Path) -> None:
+    link = tmp_path / "50-llm-router.conf"
+    link.symlink_to(tmp_path / "elsewhere.conf")
+    with pytest.raises(OSError, match="is a symbolic link"):
+        write_atomic(link, "x\n")
+    assert not (tmp_path / "elsewhere.conf").exists()
+
+
+def test_refuses_a_symlinked_directory(tmp_path: Path) -> None:
+    real = tmp_path / "real.d"
+    real.mkdir()
+    (tmp_path / "llamacpp.service.d").symlink_to(real)
+    path = tmp_path / "llamacpp.service.d" / "50-llm-router.conf"
+    with pytest.raises(OSError) as info:
+        write_atomic(path, "x\n")
+    assert str(tmp_path / "llamacpp.service.d") in str(info.value)
+    assert os.listdir(real) == []
+    (real / "50-llm-router.conf").write_text("x")
+    with pytest.raises(OSError, match="is a symbolic link"):
+        remove_file(path)
+    assert os.listdir(real) == ["50-llm-router.conf"]
+
+
+def test_refuses_a_directory_or_device_in_place_of_the_file(tmp_path: Path) -> None:
+    (tmp_path / "config.yml").mkdir()
+    with pytest.raises(OSError, match="not a regular file"):
+        write_atomic(tmp_path / "config.yml", "x\n")
+
+
+def test_read_text_refuses_a_symlink(tmp_path: Path) -> None:
+    real = tmp_path / "real.yml"
+    real.write_text("model:\n  model_name: x\n")
+    assert read_text(real) == "model:\n  model_name: x\n"
+    link = tmp_path / "config.yml"
+    link.symlink_to(real)
+    with pytest.raises(OSError, match=f"{link} is a symbolic link"):
+        read_text(link)
+    with pytest.raises(FileNotFoundError):
+        read_text(tmp_path / "missing.yml")

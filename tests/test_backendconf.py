@@ -162,3 +162,20 @@ def test_errors(text: str, message: str) -> None:
 def test_refuses_empty_name() -> None:
     with pytest.raises(ValueError, match="non-empty"):
         set_model_name(TABBY, "")
+
+
+BOMB = "a: &a {x0: 1, x1: 2}\n" + "".join(
+    f"b{i}: &b{i} {{<<: [{', '.join(['*' + ('a' if i == 1 else f'b{i - 1}')] * 9)}], y{i}: 1}}\n"
+    for i in range(1, 10)
+) + "model: {<<: *b9}\n"
+LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
+) + "model:\n  model_name: old\n"
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("text", [BOMB, LAUGHS, "model: " + "[" * 5000 + "]" * 5000 + "\n"])
+def test_yaml_bombs_and_deep_nesting_are_refused_not_expanded(text: str) -> None:
+    assert read_model_name(text) is None
+    with pytest.raises(ValueError, match="the file is not valid YAML, so it was not edited"):
+        set_model_name(text, "new")

@@ -11,10 +11,12 @@ from router.config import (
     Backend,
     Config,
     ConfigError,
+    Limits,
     Listen,
     Model,
     Problem,
     SwitchSettings,
+    Timeouts,
     load_config,
     parse_config,
 )
@@ -251,6 +253,108 @@ models:
     assert cfg.models["b"].env == {"THREADS": "8"}
 
 
+def test_hardening_settings_read() -> None:
+    cfg = parse("""\
+switch: {max_wait: 30, linger: 0, failure_cooldown: 0, max_queue: 10}
+timeouts: {connect: 1.5, first_byte: 60, idle: 20}
+limits: {max_body_bytes: 1_048_576, max_header_bytes: 8192, idle_connection: 2, header_timeout: 3,
+         max_connections: 100}
+api_key: main
+api_keys: [k1, k2, k1]
+admin_api_keys: [adm]
+""" + MIN_CONFIG)
+    assert (cfg.switch.max_wait, cfg.switch.linger, cfg.switch.failure_cooldown, cfg.switch.max_queue) == (
+        30.0, 0.0, 0.0, 10)
+    assert cfg.timeouts == Timeouts(connect=1.5, first_byte=60.0, idle=20.0)
+    assert cfg.limits == Limits(max_body_bytes=1048576, max_header_bytes=8192, idle_connection=2.0,
+                                header_timeout=3.0, max_connections=100)
+    assert cfg.api_keys == ("k1", "k2")
+    assert cfg.client_keys == ("main", "k1", "k2")
+    assert cfg.admin_api_keys == ("adm",)
+
+
+def test_hardening_defaults() -> None:
+    cfg = parse()
+    assert (cfg.timeouts, cfg.limits) == (Timeouts(), Limits())
+    assert cfg.limits.max_body_bytes == 32 * 1024 * 1024
+    assert (cfg.api_keys, cfg.admin_api_keys, cfg.client_keys) == ((), (), ())
+    assert parse("api_keys: null\nadmin_api_keys: []\n" + MIN_CONFIG).client_keys == ()
+
+
+def _files(tmp_path: Path, config: str = MIN_CONFIG) -> Path:
+    (tmp_path / "config.yml").write_text(config)
+    (tmp_path / "models.yml").write_text(MIN_MODELS)
+    return tmp_path
+
+
+def test_api_keys_file(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# clients\n\n  alice-key  \nbob-key\n# old: carol\n")
+    cfg = load_config(_files(tmp_path, "api_keys: [cfg-key]\n" + MIN_CONFIG),
+                      {"LLM_ROUTER_API_KEYS_FILE": str(keys)})
+    assert cfg.client_keys == ("cfg-key", "alice-key", "bob-key")
+
+
+def test_api_keys_file_missing_or_empty_is_a_problem(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    with pytest.raises(ConfigError) as info:
+        load_config(_files(tmp_path), {"LLM_ROUTER_API_KEYS_FILE": str(keys)})
+    assert str(info.value) == (f"{keys}: the API keys file named by $LLM_ROUTER_API_KEYS_FILE: cannot read it: "
+                               "No such file or directory; fix it, or unset the variable")
+    keys.write_text("# nobody yet\n\n")
+    with pytest.raises(ConfigError, match=r"keys: the API keys file named by \$LLM_ROUTER_API_KEYS_FILE holds no "
+                                          "key, so clients would need none"):
+        load_config(tmp_path, {"LLM_ROUTER_API_KEYS_FILE": str(keys)})
+    keys.write_text("good\nbad\x01key\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path, {"LLM_ROUTER_API_KEYS_FILE": str(keys)})
+    assert str(info.value) == f"{keys}:2: an API key must not contain control characters"
+
+
+# --- YAML bombs and deep nesting: a file:line problem, fast, never a traceback ------------------------------
+
+MERGE_BOMB = "a: &a {x0: 1, x1: 2}\n" + "".join(
+    f"b{i}: &b{i} {{<<: [{', '.join(['*' + ('a' if i == 1 else f'b{i - 1}')] * 9)}], y{i}: 1}}\n"
+    for i in range(1, 10)
+) + "switch: {<<: *b9}\n"
+LAUGHS = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n' + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
+) + "api_keys: *i\n"
+
+
+def test_merge_key_bomb_is_refused_with_its_line() -> None:
+    assert len(MERGE_BOMB.splitlines()) == 11
+    p = only(MERGE_BOMB + MIN_CONFIG)
+    assert (p.file, p.line) == (CFG, 6)  # b5, the first mapping that expands past the bound
+    assert p.message.startswith("invalid YAML: aliases (*name) and merge keys (<<) here expand to more than")
+
+
+def test_billion_laughs_is_refused() -> None:
+    p = only(LAUGHS + MIN_CONFIG)
+    assert p.file == CFG and p.line is not None
+    assert "expand to more than 100000 values" in p.message
+
+
+@pytest.mark.parametrize("text", [
+    "backends: " + "[" * 5000 + "]" * 5000,
+    "backends:" + "".join("\n" + " " * i + "-" for i in range(200)) + " x",
+    "backends: " + "{a: " * 3000 + "1" + "}" * 3000,
+])
+def test_deep_nesting_is_a_problem_not_a_recursion_error(text: str) -> None:
+    p = only(text + "\n", MIN_MODELS)
+    assert p.file == CFG and p.line is not None
+    assert p.message.startswith("invalid YAML: nested more than 64 levels deep")
+
+
+def test_alias_expanding_too_deep_and_self_reference() -> None:
+    chain = "a0: &a0 [" + "[" * 40 + "]" * 40 + "]\n" + "".join(
+        f"a{i}: &a{i} [" + "[" * 40 + f"*a{i - 1}" + "]" * 40 + "]\n" for i in range(1, 4))
+    p = problems(chain + MIN_CONFIG)[0]
+    assert p.message.startswith("invalid YAML: nested more than 64 levels deep once aliases")
+    p = only("stats: &s [*s]\n" + MIN_CONFIG)
+    assert (p.line, p.message) == (1, "invalid YAML: an alias (*name) refers to the value that contains it")
+
+
 def test_load_config_reads_both_files(tmp_path: Path) -> None:
     (tmp_path / "config.yml").write_text(MIN_CONFIG)
     (tmp_path / "models.yml").write_text(MIN_MODELS)
@@ -293,6 +397,8 @@ def test_shipped_files_parse() -> None:
     cfg = parse_config(config_text, models_text, DIR, {})
     assert cfg.listen == Listen()
     assert cfg.switch == SwitchSettings()
+    assert (cfg.timeouts, cfg.limits) == (Timeouts(), Limits())  # the file shows the defaults
+    assert (cfg.api_key, cfg.api_keys, cfg.admin_api_keys) == (None, (), ())
     assert list(cfg.backends) == ["llamacpp"]
     assert [m.backend for m in cfg.models.values()] == ["llamacpp"]
 
@@ -346,7 +452,8 @@ def test_broken_config_yml_does_not_report_every_model_backend_as_unknown() -> N
 def test_unknown_key_lists_allowed_keys() -> None:
     p = only("switch:\n  load_timout: 10\n" + MIN_CONFIG)
     assert str(p) == (f"{CFG}:2: switch.load_timout: unknown key; did you mean 'load_timeout'? allowed keys: "
-                      "load_timeout, stop_timeout, status_every, status_channel, keepalive_every, health_interval")
+                      "load_timeout, stop_timeout, status_every, status_channel, keepalive_every, health_interval, "
+                      "max_wait, linger, failure_cooldown, max_queue")
 
 
 def test_unknown_model_key() -> None:
@@ -466,8 +573,32 @@ def test_bad_commands(command: str, message: str) -> None:
                                               "content, none, got 'chat'"),
         ("stats: 1", 1, "stats: expected true or false, got an integer '1'"),
         ("api_key: ''", 1, "api_key: expected a non-empty string (or null for no key), got ''"),
-        ("colour: blue", 1, "colour: unknown key; allowed keys: listen, systemd, switch, stats, api_key, "
-                            "backends"),
+        ("colour: blue", 1, "colour: unknown key; allowed keys: listen, systemd, switch, timeouts, limits, "
+                            "stats, api_key, api_keys, admin_api_keys, backends"),
+        ("switch: {max_wait: 0}", 1, "switch.max_wait: must be > 0, got 0"),
+        ("switch: {linger: -1}", 1, "switch.linger: must be >= 0, got -1"),
+        ("switch: {failure_cooldown: x}", 1, "switch.failure_cooldown: expected a number of seconds >= 0"),
+        ("switch: {max_queue: 0}", 1, "switch.max_queue: must be >= 1, got 0"),
+        ("switch: {max_queue: 2.5}", 1, "switch.max_queue: expected a number of requests, a whole number >= 1, "
+                                        "got a number '2.5'"),
+        ("timeouts: {connect: 0}", 1, "timeouts.connect: must be > 0, got 0"),
+        ("timeouts: {first_byte: .inf}", 1, "timeouts.first_byte: must be a finite number of seconds"),
+        ("timeouts: {idle: null}", 1, "timeouts.idle: expected a number of seconds > 0, got nothing (null)"),
+        ("timeouts: {read: 3}", 1, "timeouts.read: unknown key; allowed keys: connect, first_byte, idle"),
+        ("limits: {max_body_bytes: 0}", 1, "limits.max_body_bytes: must be >= 1, got 0"),
+        ("limits: {max_body_bytes: 32MiB}", 1, "limits.max_body_bytes: expected a number of bytes, a whole "
+                                               "number >= 1, got '32MiB'"),
+        ("limits: {max_header_bytes: 100}", 1, "limits.max_header_bytes: must be >= 1024, got 100"),
+        ("limits: {idle_connection: 0}", 1, "limits.idle_connection: must be > 0, got 0"),
+        ("limits: {header_timeout: -1}", 1, "limits.header_timeout: must be > 0, got -1"),
+        ("limits: {max_connections: true}", 1, "limits.max_connections: expected a number of connections"),
+        ("limits: 5", 1, "limits: expected a mapping, got an integer '5'"),
+        ("api_keys: k1", 1, "api_keys: expected a list of keys like [key1, key2], got 'k1'"),
+        ("api_keys: [k1, '']", 1, "api_keys[1]: expected a non-empty string (an API key), got ''"),
+        ("api_keys: [k1, 12]", 1, "api_keys[1]: expected a non-empty string (an API key), got an integer '12'"),
+        ("admin_api_keys: [' k']", 1, "admin_api_keys[0]: an API key must not start or end with a space"),
+        ('admin_api_keys: ["a\\tb"]', 1, "admin_api_keys[0]: an API key must not contain control characters"),
+        ("api_key: 'k '", 1, "api_key: an API key must not start or end with a space"),
     ],
 )
 def test_bad_settings(text: str, line: int, message: str) -> None:
@@ -566,4 +697,49 @@ models:
         ("models.yml", 3, "models.a"),
         ("models.yml", 4, "models.b.backend"),
         ("models.yml", 5, "models.c.model_name"),
+    ]
+
+
+@pytest.mark.parametrize("bad", [MERGE_BOMB, "backends: " + "[" * 100_000 + "\n"])
+def test_check_and_reload_report_bombs_as_file_line(tmp_path: Path, bad: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from router import cli, daemon
+
+    (tmp_path / "config.yml").write_text(bad + MIN_CONFIG)
+    (tmp_path / "models.yml").write_text(MIN_MODELS)
+    assert cli.main(["check", "--config-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert re.match(rf"{re.escape(str(tmp_path / 'config.yml'))}:\d+: invalid YAML: ", err), err
+    assert "Traceback" not in err
+    switcher = SimpleNamespace(reload_error=None)
+    asyncio.run(daemon.reload(switcher, tmp_path))  # type: ignore[arg-type]
+    assert switcher.reload_error is not None and "invalid YAML" in switcher.reload_error[0]
+
+
+def test_check_warns_about_a_symlinked_config_file_or_dropin_dir(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from router import cli
+
+    real = tmp_path / "real.yml"
+    real.write_text("model: {model_name: x}\n")
+    link = tmp_path / "tabby.yml"
+    link.symlink_to(real)
+    dropins = tmp_path / "dropins"
+    dropins.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (dropins / "tabbyapi.service.d").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "config.yml").write_text(f"systemd: {{dropin_dir: {dropins}}}\nbackends:\n  tabby: {{unit: "
+                                         f"tabbyapi.service, url: 'http://h:1', config_file: {link}}}\n")
+    (tmp_path / "models.yml").write_text("models:\n  m: {backend: tabby, model_name: M}\n")
+    assert cli.main(["check", "--config-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"warning: backends.tabby.config_file: {link} is a symbolic link (to {real}); the router never writes "
+        "through a symlink, so loading a model that sets model_name will fail: set config_file to the real path",
+        f"warning: {dropins / 'tabbyapi.service.d'} is a symbolic link (to {tmp_path / 'elsewhere'}); the router "
+        "never writes drop-ins through a symlink, so loading a model with a command or env on "
+        "tabbyapi.service will fail: replace the link with a directory",
     ]
