@@ -250,6 +250,7 @@ TEST_SWITCH = {
     "keepalive_every": 0.5,
     "health_interval": 0.1,
     "status_channel": "event",
+    "linger": 0,  # tests switch on purpose; the two-users test sets the router's default back
 }
 
 
