@@ -46,6 +46,15 @@ GONE_ERRORS = frozenset({
 })
 STOPPED_STATES = frozenset({"inactive", "failed"})
 
+# Every D-Bus connection this module opens stays referenced until the process exits. pydbus ties a
+# Bus to each connection in a reference cycle, so Python's cyclic GC would free the connection on
+# whatever thread allocates next, holding the GIL; GLib 2.74's dispose then takes the global
+# message-bus lock, while GDBus's worker thread may hold that lock waiting for the GIL (PyGObject's
+# toggle-ref notify on g_object_ref): a deadlock, seen here within a few bus restarts. Closed
+# connections cost little and are few: one per loss of the bus, since a connection that is still
+# open is reused until systemd answers on it again.
+_CONNECTIONS: list[Any] = []
+
 T = TypeVar("T")
 
 
@@ -126,10 +135,12 @@ class Systemd:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._glib_loop: Any = None
         self._session: _Session | None = None  # None while disconnected
+        self._spare: Any = None  # an open connection on which systemd did not answer (yet): reused
         self._generation = 0  # +1 at every connect and every loss
         self._last_error: str | None = None
         self._closing = False
         self._reconnect_task: asyncio.Task[None] | None = None
+        self._systemd_back = asyncio.Event()  # cuts a reconnect pause short: systemd is on the bus again
         self._paths: dict[str, str] = {}  # unit name -> object path (fixed by the name: kept across reconnects)
         self._names: dict[str, str] = {}  # object path -> unit name
         self._jobs: dict[str, tuple[str, asyncio.Future[str]]] = {}  # job path -> (what, its end)
@@ -166,14 +177,15 @@ class Systemd:
             self._reconnect_task.cancel()
             with contextlib.suppress(BaseException):
                 await self._reconnect_task
-        session, self._session = self._session, None
+        cons = [c for c in (self._session.con if self._session else None, self._spare) if c is not None]
+        self._session = self._spare = None
         self._fail_jobs("the router is shutting down")
         loop = asyncio.get_running_loop()
 
         def close_sync() -> None:
-            if session is not None:
+            for con in cons:  # closed, still referenced (see _CONNECTIONS)
                 with contextlib.suppress(Exception):  # already gone: nothing to release
-                    session.con.close_sync(None)
+                    con.close_sync(None)
             if self._glib_loop is not None:
                 self._glib_loop.quit()
 
@@ -181,28 +193,32 @@ class Systemd:
         self._executor.shutdown(wait=False)
 
     def _connect_sync(self) -> _Session:
-        """A fresh connection with our signal handlers, Subscribe()d (worker thread)."""
+        """A connection with our signal handlers, Subscribe()d (worker thread). The spare connection
+        is reused while it is open; a new one is made otherwise."""
         import pydbus
         from gi.repository import GLib
 
-        try:
-            con = pydbus.connect(self.address).con  # a private connection: no exit-on-close
-        except GLib.Error as e:
-            raise SystemdUnreachable(f"cannot connect to the bus at {self.address}: {e.message}") from e
-        try:
+        con = self._spare
+        if con is None or con.is_closed():
+            try:
+                con = pydbus.connect(self.address).con  # a private connection: no exit-on-close
+            except GLib.Error as e:
+                raise SystemdUnreachable(f"cannot connect to the bus at {self.address}: {e.message}") from e
+            _CONNECTIONS.append(con)
+            self._spare = con
             # handlers first, so no signal sent after Subscribe() is missed
             con.connect("closed", self._on_closed)
             con.signal_subscribe(DBUS, DBUS, "NameOwnerChanged", DBUS_PATH, SD, 0, self._on_name_owner_changed)
             con.signal_subscribe(SD, MANAGER_IF, "JobRemoved", SD_PATH, None, 0, self._on_job_removed)
             con.signal_subscribe(SD, PROPS_IF, "PropertiesChanged", None, None, 0, self._on_properties_changed)
+        try:
             # JobRemoved and units' PropertiesChanged are only sent to subscribers
             _call(con, SD, SD_PATH, MANAGER_IF, "Subscribe")
             owner = str(_call(con, DBUS, DBUS_PATH, DBUS, "GetNameOwner", "(s)", (SD,))[0])
         except GLib.Error as e:
-            with contextlib.suppress(Exception):
-                con.close_sync(None)
             raise SystemdUnreachable(f"systemd does not answer on the bus at {self.address}: "
                                      f"{_error_text(e)}") from e
+        self._spare = None
         return _Session(con, owner)
 
     def _connected(self, session: _Session) -> None:
@@ -218,8 +234,7 @@ class Systemd:
         self._generation += 1
         log.warning("systemd_unreachable", reason=reason, address=self.address)
         self._fail_jobs(reason)
-        with contextlib.suppress(Exception):
-            con.close(None, None, None)  # asynchronous: also ends calls still waiting on it
+        self._spare = con  # reused if still open (systemd left the bus, the bus stayed)
         if self._reconnect_task is None or self._reconnect_task.done():
             self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect(), name="dbus-reconnect")
 
@@ -234,7 +249,9 @@ class Systemd:
         loop = asyncio.get_running_loop()
         delay, attempts, since = self._first_delay, 0, time.monotonic()
         while not self._closing:
-            await asyncio.sleep(delay)
+            self._systemd_back.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._systemd_back.wait(), delay)
             attempts += 1
             try:
                 session = await loop.run_in_executor(self._executor, self._connect_sync)
@@ -244,7 +261,7 @@ class Systemd:
                 continue
             if self._closing:
                 with contextlib.suppress(Exception):
-                    session.con.close(None, None, None)
+                    session.con.close(None, None, None)  # asynchronous; still referenced (_CONNECTIONS)
                 return
             self._connected(session)
             log.info("systemd_reconnected", attempts=attempts, down=round(time.monotonic() - since, 3))
@@ -292,6 +309,9 @@ class Systemd:
 
     def _owner_changed(self, con: Any, new: str) -> None:
         session = self._session
+        if session is None and con is self._spare and new:
+            self._systemd_back.set()  # waiting on this connection for systemd: try now
+            return
         if session is None or session.con is not con or new == session.owner:
             return
         # systemd left the bus, or came back under a new name (daemon-reexec): our Subscribe() is lost
