@@ -44,6 +44,7 @@ GONE_ERRORS = frozenset({
     "org.freedesktop.DBus.Error.NameHasNoOwner",
     "org.freedesktop.DBus.Error.Disconnected",
 })
+ALREADY_SUBSCRIBED = "org.freedesktop.systemd1.AlreadySubscribed"
 STOPPED_STATES = frozenset({"inactive", "failed"})
 
 # Every D-Bus connection this module opens stays referenced until the process exits. pydbus ties a
@@ -213,7 +214,11 @@ class Systemd:
             con.signal_subscribe(SD, PROPS_IF, "PropertiesChanged", None, None, 0, self._on_properties_changed)
         try:
             # JobRemoved and units' PropertiesChanged are only sent to subscribers
-            _call(con, SD, SD_PATH, MANAGER_IF, "Subscribe")
+            try:
+                _call(con, SD, SD_PATH, MANAGER_IF, "Subscribe")
+            except GLib.Error as e:
+                if _remote_error(e) != ALREADY_SUBSCRIBED:  # systemd kept us through a daemon-reexec: fine
+                    raise
             owner = str(_call(con, DBUS, DBUS_PATH, DBUS, "GetNameOwner", "(s)", (SD,))[0])
         except GLib.Error as e:
             raise SystemdUnreachable(f"systemd does not answer on the bus at {self.address}: "

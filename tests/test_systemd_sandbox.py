@@ -186,3 +186,21 @@ async def test_bus_killed_during_a_job_ends_it_at_once(own_sandbox: Sandbox, own
         assert state.active_state == "activating" and state.is_running  # the job outlived the bus
         assert await w.sd.stop(name, 20) == "done"
 
+
+
+async def test_systemd_reexec_resubscribes(own_sandbox: Sandbox, own_units: Units) -> None:
+    """daemon-reexec: systemd leaves the bus and comes back under a new name, keeping its
+    subscribers; the client sees it (NameOwnerChanged), subscribes again on the same connection
+    (AlreadySubscribed counts as done), and signals flow."""
+    sbx = own_sandbox
+    name = sleeper(own_units, "reexec", "Type=exec\nExecStart=/bin/sleep 60\n")
+    sbx.daemon_reload()
+    async with watcher(sbx) as w:
+        await w.watch(name)
+        await asyncio.to_thread(sbx.systemctl, "daemon-reexec")
+        await asyncio.wait_for(w.reconnected.wait(), 10)
+        assert w.sd.connected and w.reconnects == 1
+        w.changes.clear()
+        assert await w.sd.start(name, 20) == "done"
+        await w.wait_for_change(name)
+        assert await w.sd.stop(name, 20) == "done"
