@@ -176,17 +176,17 @@ class Systemd:
         self._closing = True
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._reconnect_task
-        cons = [c for c in (self._session.con if self._session else None, self._spare) if c is not None]
-        self._session = self._spare = None
+            await asyncio.wait([self._reconnect_task])
+        session, self._session = self._session, None
         self._fail_jobs("the router is shutting down")
         loop = asyncio.get_running_loop()
 
-        def close_sync() -> None:
-            for con in cons:  # closed, still referenced (see _CONNECTIONS)
-                with contextlib.suppress(Exception):  # already gone: nothing to release
-                    con.close_sync(None)
+        def close_sync() -> None:  # after a connect still running on this thread: it may have made a spare
+            for con in (session.con if session else None, self._spare):
+                if con is not None:  # closed, still referenced (see _CONNECTIONS)
+                    with contextlib.suppress(Exception):  # already gone: nothing to release
+                        con.close_sync(None)
+            self._spare = None
             if self._glib_loop is not None:
                 self._glib_loop.quit()
 

@@ -235,7 +235,9 @@ class Sandbox:
 
     def kill_bus(self) -> int:
         """SIGKILL the dbus-daemon (returns its PID). dbus.socket keeps listening: the next client
-        that connects starts a new daemon."""
+        that connects starts a new daemon. dbus.service may start 5 times in 10 s: its failure count is
+        reset first, else repeated kills leave the bus down (dbus.socket: service-start-limit-hit)."""
+        self.systemctl("reset-failed", "dbus.service", check=False)
         pid = self.bus_pid()
         if pid <= 0:
             raise AssertionError("dbus.service has no main process")

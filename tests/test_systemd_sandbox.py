@@ -204,3 +204,17 @@ async def test_systemd_reexec_resubscribes(own_sandbox: Sandbox, own_units: Unit
         assert await w.sd.start(name, 20) == "done"
         await w.wait_for_change(name)
         assert await w.sd.stop(name, 20) == "done"
+
+
+async def test_close_while_reconnecting(own_sandbox: Sandbox, own_units: Units) -> None:
+    w = Watcher(own_sandbox)
+    await asyncio.wait_for(w.sd.open(), 10)
+    own_sandbox.stop_bus()
+    await until(lambda: not w.sd.connected, "the client sees the bus closed")
+    await asyncio.sleep(0.2)  # the reconnect task is retrying
+    await asyncio.wait_for(w.sd.close(), 10)
+    own_sandbox.start_bus()
+    await asyncio.sleep(0.3)
+    assert not w.sd.connected and w.reconnects == 0
+    with pytest.raises(SystemdUnreachable):
+        await w.sd.state("dbus.service")
