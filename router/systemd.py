@@ -319,7 +319,7 @@ class Systemd:
             return
         if session is None or session.con is not con or new == session.owner:
             return
-        # systemd left the bus, or came back under a new name (daemon-reexec): our Subscribe() is lost
+        # systemd left the bus, or came back under a new name (daemon-reexec): signals may have been missed
         self._lost(con, f"{SD} left the bus" if not new else f"{SD} re-registered on the bus")
 
     def _on_job_removed(self, con: Any, _sender: str, _path: str, _iface: str, _signal: str,
