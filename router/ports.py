@@ -3,7 +3,7 @@
 Before the router starts a backend's unit it asks whether something already holds the backend's
 port; if so, the engine would fail to bind while the health check passed against the stray
 server. `listener()` answers like `ss -ltnp` would, without a subprocess, and `in_use()` says it in
-words for an error message.
+words for an error message; `url_in_use()` does both for a backend URL.
 """
 
 from __future__ import annotations
@@ -83,6 +83,15 @@ def in_use(host: str, port: int, holder: Listener) -> str:
         who = f"pid {holder.pid} ({holder.command or '?'})"
     bound = "" if holder.address in (host, _literal(host)) else f", listening on {_show(holder.address)}"
     return f"{where} is already in use by {who}{bound}"
+
+
+def url_in_use(url: str) -> str | None:
+    """What already listens on a backend URL's host and port, in words (see in_use), or None.
+
+    Reads /proc (about 15 ms on a host with ~800 TCP sockets): call it off the event loop."""
+    host, port = host_port(url)
+    holder = listener(host, port)
+    return None if holder is None else in_use(host, port, holder)
 
 
 # --- /proc ---------------------------------------------------------------------------------------

@@ -147,3 +147,15 @@ def test_holder_not_visible_says_unknown_process(listening: socket.socket, tmp_p
     assert ports.in_use("127.0.0.1", port, holder) == (
         f"127.0.0.1:{port} is already in use by a process of user {holder.user} "
         "(its PID is not visible to the router)")
+
+
+def test_url_in_use(listening: socket.socket) -> None:
+    port = listening.getsockname()[1]
+    holder = ports.listener("127.0.0.1", port)
+    assert holder is not None
+    assert ports.url_in_use(f"http://127.0.0.1:{port}/v1") == (
+        f"127.0.0.1:{port} is already in use by pid {os.getpid()} ({holder.command})")
+    assert ports.url_in_use(f"http://localhost:{port}") == (
+        f"localhost:{port} is already in use by pid {os.getpid()} ({holder.command}), listening on 127.0.0.1")
+    listening.close()
+    assert ports.url_in_use(f"http://127.0.0.1:{port}") is None
