@@ -225,6 +225,43 @@ class Sandbox:
             self.systemctl("stop", *names, check=False, timeout=timeout)
             self.systemctl("reset-failed", *names, check=False, timeout=timeout)
 
+    # --- the sandbox's D-Bus daemon (dbus.service, socket-activated by dbus.socket) --------------
+    # systemctl --user reaches the manager over its private socket, so these work without the bus.
+    # The manager itself reconnects to the bus whenever dbus.service starts again. Tests that use
+    # them should run on a sandbox of their own: every other bus client loses its connection too.
+    def bus_pid(self) -> int:
+        """The PID of the running dbus-daemon (0: none)."""
+        return int(self.systemctl("show", "-p", "MainPID", "--value", "dbus.service").stdout.strip() or 0)
+
+    def kill_bus(self) -> int:
+        """SIGKILL the dbus-daemon (returns its PID). dbus.socket keeps listening: the next client
+        that connects starts a new daemon. dbus.service may start 5 times in 10 s: its failure count is
+        reset first, else repeated kills leave the bus down (dbus.socket: service-start-limit-hit)."""
+        self.systemctl("reset-failed", "dbus.service", check=False)
+        pid = self.bus_pid()
+        if pid <= 0:
+            raise AssertionError("dbus.service has no main process")
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: self.systemctl("is-active", "dbus.service", check=False).stdout.strip() != "active",
+                   timeout=10, what="dbus.service down after SIGKILL")
+        return pid
+
+    def stop_bus(self) -> None:
+        """Stop dbus.socket and dbus.service: connecting to the bus fails until start_bus()."""
+        self.systemctl("stop", "dbus.socket", "dbus.service")
+        self.systemctl("reset-failed", "dbus.service", check=False)
+
+    def start_bus(self, timeout: float = 10.0) -> None:
+        """Listen on the bus socket again and wait until the manager is back on the bus."""
+        self.systemctl("start", "dbus.socket")
+
+        def systemd_on_bus() -> bool:
+            out = self.run("busctl", "--user", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                           "org.freedesktop.DBus", "NameHasOwner", "s", "org.freedesktop.systemd1", check=False)
+            return out.stdout.strip() == "b true"
+
+        wait_until(systemd_on_bus, timeout=timeout, step=0.05, what="org.freedesktop.systemd1 back on the bus")
+
     # --- journal -----------------------------------------------------------------------------
     def journal(self, *match: str, timeout: float = 30.0) -> list[dict[str, Any]]:
         """Synced journal entries (dicts) matching journalctl match arguments."""
