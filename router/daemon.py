@@ -14,7 +14,7 @@ import httpx
 import structlog
 import uvicorn
 
-from router import httpserver, notify
+from router import httpserver, notify, ports
 from router.app import create_app
 from router.config import Config, ConfigError, load_config
 from router.executor import HealthProbe
@@ -72,13 +72,14 @@ async def serve(config_dir: Path) -> int:
         return 2
     http = make_http()
     switcher = Switcher(config, Systemd(bus_address(config.systemd.bus), lambda: set(
-        switcher.config.managed_units())), make_probe(http))
+        switcher.config.managed_units())), make_probe(http), port_check=ports.url_in_use)
     observability = await Observability.start(switcher)  # before the switcher starts: it sees the adoption
     switcher.expected_load = observability.expected_load_seconds
     try:
         await switcher.start()
     except SystemdError as e:
-        print(f"llm-router: cannot reach the systemd {config.systemd.bus} manager over D-Bus: {e}\n"
+        print(f"llm-router: cannot reach the systemd {config.systemd.bus} manager over D-Bus: "
+              f"{getattr(e, 'reason', e)}\n"
               f"Check systemd.bus in {config_dir}/config.yml (system needs root or polkit rights; user needs "
               "a running `systemd --user` and DBUS_SESSION_BUS_ADDRESS).", flush=True)
         await observability.close()

@@ -13,7 +13,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import structlog
 
@@ -25,7 +24,7 @@ from router.config import Backend, Config, Model
 from router.execstart import DROPIN_NAME, needs_dropin, render_dropin
 from router.plan import Plan
 from router.scheduler import LoadFailure
-from router.systemd import SystemdError, UnitState
+from router.systemd import SystemdError, SystemdUnreachable, UnitState
 
 log = structlog.get_logger("router.executor")
 
@@ -86,27 +85,17 @@ def quote_argv(argv: object, limit: int = QUOTE_LIMIT) -> str:
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
-def backend_address(url: str) -> tuple[str, int] | None:
-    """The host and port a backend URL points at (http 80 and https 443 by default)."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        return None
-    return (parts.hostname or "127.0.0.1"), port
-
-
 class PlanExecutor:
     """Carries out plans against systemd, the file system and the engines' health URLs."""
 
     def __init__(self, systemd: Systemdish, probe: HealthProbe, progress: Progress,
                  clock: Callable[[], float] = time.monotonic,
-                 port_holder: Callable[[str, int], str | None] | None = None) -> None:
+                 port_check: Callable[[str], str | None] | None = None) -> None:
         self.systemd = systemd
         self.probe = probe
         self.progress = progress
         self.clock = clock
-        self.port_holder = port_holder  # (host, port) -> "pid 12 (cmd)" when something listens there
+        self.port_check = port_check  # url -> "127.0.0.1:8085 is already in use by pid 12 (cmd)", or None
         self.unit_changed = asyncio.Event()  # set by the switcher on every PropertiesChanged
 
     async def carry_out(self, plan: Plan, config: Config, run: SwitchRun) -> LoadFailure | None:
@@ -144,7 +133,7 @@ class PlanExecutor:
             error = await self._rewrite(plan, config, model, run)
             if error is not None:
                 return error
-            error = self._port_in_use(model, backend, unit)
+            error = await self._port_in_use(model, backend, unit)
             if error is not None:
                 return error
             self.progress.phase(run, "starting", unit=unit)
@@ -175,18 +164,19 @@ class PlanExecutor:
             await asyncio.sleep(every)
             self.progress.loading(run)
 
-    def _port_in_use(self, model: Model, backend: Backend, unit: str) -> LoadFailure | None:
+    async def _port_in_use(self, model: Model, backend: Backend, unit: str) -> LoadFailure | None:
         """Something else listening on the engine's port would answer its health checks: refuse."""
-        address = backend_address(backend.url)
-        if self.port_holder is None or address is None:
+        if self.port_check is None:
             return None
-        holder = self.port_holder(*address)
+        try:
+            holder = await asyncio.to_thread(self.port_check, backend.url)
+        except (OSError, ValueError):  # /proc unreadable or an odd URL: the health checks still run
+            return None
         if holder is None:
             return None
-        host, port = address
-        return LoadFailure(model.id, unit, f"cannot start: {host}:{port} (the backend's url) is already in use by "
-                           f"{holder}.", "Stop that process, or give the backend another port in config.yml "
-                           "and in the model's command.", code="port_in_use")
+        return LoadFailure(model.id, unit, f"cannot start: {holder} (the backend's url is {backend.url}).",
+                           "Stop that process, or give the backend another port in config.yml and in the "
+                           "model's command.", code="port_in_use")
 
     async def _rewrite(self, plan: Plan, config: Config, model: Model, run: SwitchRun) -> LoadFailure | None:
         unit = config.unit_of(model)
@@ -232,7 +222,7 @@ class PlanExecutor:
                 break
             healthy = await self.probe(url, min(2.0, max(remaining, 0.1)))
             state = await self.systemd.state(unit)
-            if not state.is_running or state.active_state == "deactivating":
+            if not state.is_running or state.is_stopping:
                 return await self._gone_while_loading(config, model, unit, state)
             if healthy:
                 # the unit is still up after its health check passed: the answer came from it, not from
@@ -274,7 +264,7 @@ class PlanExecutor:
 
 def systemd_failure(config: Config, target: str, unit: str | None, error: SystemdError) -> LoadFailure:
     """A D-Bus call failed: unreachable systemd, or a refusal (permissions, a unit that does not exist)."""
-    if type(error).__name__ == "SystemdUnreachable" or "not reachable" in str(error):
+    if isinstance(error, SystemdUnreachable):
         return LoadFailure(target, unit, f"{error}.", "The router reconnects on its own; ask again in a moment.",
                            code="systemd_unreachable", cooldown=False)
     if config.systemd.bus == "system":

@@ -78,11 +78,11 @@ class Switcher:
 
     def __init__(self, config: Config, systemd: Any, probe: HealthProbe,
                  clock: Callable[[], float] = time.monotonic,
-                 port_holder: Callable[[str, int], str | None] | None = None) -> None:
+                 port_check: Callable[[str], str | None] | None = None) -> None:
         self.systemd = systemd
         self.clock = clock
         self.scheduler = Scheduler(config, self, clock)
-        self.executor = PlanExecutor(systemd, probe, self, clock, port_holder)
+        self.executor = PlanExecutor(systemd, probe, self, clock, port_check)
         self.events = EventBus()  # typed events for metrics, /events and history (router/events.py)
         self.expected_load: Callable[[str], float | None] | None = None  # typical load time, from history
         self.run_info: SwitchRun | None = None

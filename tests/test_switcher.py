@@ -164,3 +164,33 @@ async def test_a_removed_model_being_loaded_fails_its_requests_with_model_not_fo
 def test_load_failure_message_keeps_the_note_before_the_hint():
     e = LoadFailure("a", "u", "exited.", "Fix it.", note="(failed 1 s ago; next try in 29 s)")
     assert e.message() == "a (unit u): exited. (failed 1 s ago; next try in 29 s) Fix it."
+
+
+async def test_a_stray_listener_on_the_backend_port_fails_the_switch_naming_it(tmp_path: Path):
+    systemd = FakeSystemd()
+    sw = Switcher(make_config(tmp_path), systemd, healthy,
+                  port_check=lambda url: "127.0.0.1:9 is already in use by pid 4242 (python3 -m http.server 9)")
+    await sw.start()
+    try:
+        failed = await answer(sw, "a")
+        assert isinstance(failed, Failed) and failed.error.code == "port_in_use"
+        assert "pid 4242 (python3 -m http.server 9)" in failed.message and systemd.starts == []
+    finally:
+        await sw.close()
+
+
+async def test_a_unit_that_dies_once_its_health_check_passed_is_not_ready(tmp_path: Path):
+    """A stray server answered the health check while the unit itself failed to bind and exited."""
+    systemd = FakeSystemd()
+
+    async def stray_answers(url: str, timeout: float) -> bool:
+        systemd.active.discard("a.service")  # the unit exited (its port was taken)
+        return True
+
+    sw = Switcher(make_config(tmp_path), systemd, stray_answers)
+    await sw.start()
+    try:
+        failed = await answer(sw, "a")
+        assert isinstance(failed, Failed) and "(unit a.service)" in failed.message
+    finally:
+        await sw.close()
