@@ -71,7 +71,8 @@ async def serve(config_dir: Path) -> int:
         lifespan="off", log_level="warning", access_log=False, timeout_graceful_shutdown=SHUTDOWN_GRACE,
         timeout_keep_alive=75))
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload(switcher, config_dir)))
+    reloader = Reloader(switcher, config_dir)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _stop, server)
     serving = asyncio.create_task(server.serve())
@@ -112,6 +113,17 @@ async def reload(switcher: Switcher, config_dir: Path) -> None:
         switcher.reload(config)
         log.info("reloaded", models=len(config.models), backends=len(config.backends))
     notify.notify("READY=1")
+
+
+class Reloader:
+    """Reload requests (SIGHUP): each one re-reads the configuration."""
+
+    def __init__(self, switcher: Switcher, config_dir: Path) -> None:
+        self.switcher = switcher
+        self.config_dir = config_dir
+
+    def request(self) -> asyncio.Future[None]:
+        return asyncio.ensure_future(reload(self.switcher, self.config_dir))
 
 
 def _keep_fixed(config: Config, old: Config) -> Config:

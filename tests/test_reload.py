@@ -1,0 +1,125 @@
+"""The daemon's reload (router/daemon.py, no systemd needed): systemd never stays in `reloading`, even when
+loading the configuration raises something unexpected, and quick successive requests apply in order,
+so that the newest files always win."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from router import daemon, notify
+from router.config import Config, load_config
+
+CONFIG = """\
+listen: {host: 127.0.0.1, port: 8002}
+systemd: {bus: user}
+backends:
+  llamacpp: {unit: llamacpp.service, url: "http://127.0.0.1:8085"}
+"""
+
+
+def models_yml(*ids: str) -> str:
+    return "models:\n" + "".join(f"  {i}:\n    backend: llamacpp\n    command: [/bin/true, {i}]\n" for i in ids)
+
+
+class FakeSwitcher:
+    """What reload() touches of the Switcher: the current config, reload(config), reload_error."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.reload_error: list[str] | None = None
+        self.applied: list[list[str]] = []
+
+    def reload(self, config: Config) -> None:
+        self.config, self.reload_error = config, None
+        self.applied.append(sorted(config.models))
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    (tmp_path / "config.yml").write_text(CONFIG)
+    (tmp_path / "models.yml").write_text(models_yml("m-old"))
+    return tmp_path
+
+
+@pytest.fixture
+def notified(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    sent: list[str] = []
+
+    def fake_notify(state: str) -> bool:
+        sent.append(state)
+        return True
+
+    monkeypatch.setattr(notify, "notify", fake_notify)
+    return sent
+
+
+@pytest.mark.timeout(10)
+async def test_an_unexpected_error_while_loading_still_ends_the_reload_and_is_shown(
+        config_dir: Path, notified: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    switcher = FakeSwitcher(load_config(config_dir))
+
+    def broken_load(path: Path) -> Config:
+        raise RuntimeError("the disk caught fire")
+
+    monkeypatch.setattr(daemon, "load_config", broken_load)
+    await asyncio.wait_for(daemon.Reloader(switcher, config_dir).request(), 5)  # type: ignore[arg-type]
+    assert notified == ["RELOADING=1", "READY=1"], "systemd would stay in 'reloading'"
+    assert switcher.applied == []
+    assert switcher.reload_error and "the disk caught fire" in switcher.reload_error[0], switcher.reload_error
+
+
+@pytest.mark.timeout(10)
+async def test_two_quick_reloads_apply_in_order_and_the_newest_file_wins(
+        config_dir: Path, notified: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    switcher = FakeSwitcher(load_config(config_dir))
+    models = config_dir / "models.yml"
+    first_read = threading.Event()
+    real_load = load_config
+
+    def slow_first_load(path: Path) -> Config:
+        config = real_load(path)
+        if not first_read.is_set():  # the first request read the older file, and is slow to finish
+            first_read.set()
+            time.sleep(0.5)
+        return config
+
+    monkeypatch.setattr(daemon, "load_config", slow_first_load)
+    reloader = daemon.Reloader(switcher, config_dir)  # type: ignore[arg-type]
+    models.write_text(models_yml("m-first"))
+    first = reloader.request()
+    await asyncio.to_thread(first_read.wait, 5)
+    models.write_text(models_yml("m-second"))
+    second = reloader.request()
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert sorted(switcher.config.models) == ["m-second"], f"applied in this order: {switcher.applied}"
+    assert switcher.applied[-1] == ["m-second"]
+    assert notified[-1] == "READY=1"
+
+
+@pytest.mark.timeout(10)
+async def test_requests_during_a_reload_share_the_next_one(
+        config_dir: Path, notified: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    switcher = FakeSwitcher(load_config(config_dir))
+    calls: list[float] = []
+    real_load = load_config
+
+    def slow_load(path: Path) -> Config:
+        calls.append(time.monotonic())
+        time.sleep(0.2)
+        return real_load(path)
+
+    monkeypatch.setattr(daemon, "load_config", slow_load)
+    reloader = daemon.Reloader(switcher, config_dir)  # type: ignore[arg-type]
+    (config_dir / "models.yml").write_text(models_yml("m-new"))
+    futures: list[Any] = [reloader.request()]
+    await asyncio.sleep(0.05)  # the first load is under way: the next three wait for one more load
+    futures += [reloader.request() for _ in range(3)]
+    await asyncio.wait_for(asyncio.gather(*futures), 5)
+    assert len(calls) == 2, f"{len(calls)} loads for 4 requests, 3 of them during the first load"
+    assert switcher.applied == [["m-new"], ["m-new"]]
