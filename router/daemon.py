@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -95,35 +95,89 @@ async def serve(config_dir: Path) -> int:
     return 0 if server.started else 4
 
 
-async def reload(switcher: Switcher, config_dir: Path) -> None:
-    """SIGHUP: re-read both files; a valid config applies to the next request, an invalid one is refused."""
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """What one reload did: applied (with counts and what waits for a restart) or rejected (problems)."""
+
+    ok: bool
+    problems: tuple[str, ...] = ()
+    models: int = 0
+    backends: int = 0
+    needs_restart: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, object]:
+        return {"ok": self.ok, "problems": list(self.problems), "models": self.models,
+                "backends": self.backends, "needs_restart": list(self.needs_restart)}
+
+
+async def reload(switcher: Switcher, config_dir: Path) -> ReloadOutcome:
+    """Re-read both files; a valid config applies to the next request, an invalid one is refused.
+
+    Never raises, and always ends with READY=1, so systemd never stays in `reloading`: anything
+    unexpected is a rejected reload too, shown in /status like a config error.
+    """
     notify.notify("RELOADING=1")
     try:
-        config = await asyncio.to_thread(load_config, config_dir)
-    except ConfigError as e:
-        switcher.reload_error = [str(p) for p in e.problems]
-        log.error("reload_rejected", problems=switcher.reload_error,
-                  hint="the previous configuration keeps serving; fix the files and reload again")
-    else:
+        try:
+            config = await asyncio.to_thread(load_config, config_dir)
+        except ConfigError as e:
+            return _rejected(switcher, [str(p) for p in e.problems])
         old = switcher.config
-        if (old.listen != config.listen) or (old.systemd != config.systemd):
-            log.warning("reload_needs_restart", keys="listen/systemd",
+        needs_restart = tuple(k for k in ("listen", "systemd") if getattr(old, k) != getattr(config, k))
+        if needs_restart:
+            log.warning("reload_needs_restart", keys="/".join(needs_restart),
                         hint="listen and systemd settings take effect at the next restart")
             config = _keep_fixed(config, old)
         switcher.reload(config)
         log.info("reloaded", models=len(config.models), backends=len(config.backends))
-    notify.notify("READY=1")
+        return ReloadOutcome(True, models=len(config.models), backends=len(config.backends),
+                             needs_restart=needs_restart)
+    except Exception as e:  # a bug or an unreadable file must not leave systemd waiting, nor go unseen
+        log.exception("reload_failed")
+        return _rejected(switcher, [f"{config_dir}: the reload failed unexpectedly ({type(e).__name__}: {e}); "
+                                    "the journal has the traceback"])
+    finally:
+        notify.notify("READY=1")
+
+
+def _rejected(switcher: Switcher, problems: list[str]) -> ReloadOutcome:
+    switcher.reload_error = problems
+    log.error("reload_rejected", problems=problems,
+              hint="the previous configuration keeps serving; fix the files and reload again")
+    return ReloadOutcome(False, problems=tuple(problems))
 
 
 class Reloader:
-    """Reload requests (SIGHUP): each one re-reads the configuration."""
+    """Applies reload requests (SIGHUP, `llm-router reload`) one at a time, in the order they came.
+
+    A request is answered by a load that started after it arrived, so the newest files always win;
+    the requests that arrive while a load runs share the next one.
+    """
 
     def __init__(self, switcher: Switcher, config_dir: Path) -> None:
         self.switcher = switcher
         self.config_dir = config_dir
+        self._requested = 0  # requests so far; each waiter remembers its number
+        self._waiters: list[tuple[int, asyncio.Future[ReloadOutcome]]] = []
+        self._worker: asyncio.Task[None] | None = None
 
-    def request(self) -> asyncio.Future[None]:
-        return asyncio.ensure_future(reload(self.switcher, self.config_dir))
+    def request(self) -> asyncio.Future[ReloadOutcome]:
+        """Ask for a reload; the future resolves with the outcome of a load that started after now."""
+        self._requested += 1
+        future: asyncio.Future[ReloadOutcome] = asyncio.get_running_loop().create_future()
+        self._waiters.append((self._requested, future))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._work(), name="reload")
+        return future
+
+    async def _work(self) -> None:
+        while self._waiters:
+            covered = self._requested  # every request so far came before this load starts
+            outcome = await reload(self.switcher, self.config_dir)
+            for number, future in self._waiters:
+                if number <= covered and not future.done():
+                    future.set_result(outcome)
+            self._waiters = [(n, f) for n, f in self._waiters if n > covered]
 
 
 def _keep_fixed(config: Config, old: Config) -> Config:
