@@ -1,10 +1,11 @@
-"""Command line: `llm-router serve|check|models|status|switch|unload`."""
+"""Command line: `llm-router serve|check|reload|models|status|switch|unload`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,42 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"warning: models.{model.id}.command: {program} is not an executable file on this host "
                   "(the model will fail to load until it is)", file=sys.stderr)
     return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the running daemon to reload and report its answer (systemd's ExecReload= runs this)."""
+    from router import control
+
+    config_dir = resolve_config_dir(args.config_dir)
+    try:
+        answer = control.request(config_dir, "reload", expect_pid=args.pid, timeout=args.timeout)
+    except (control.Untrusted, OSError) as e:
+        print(f"llm-router: {e}", file=sys.stderr)
+        return 1
+    except control.NoDaemon as e:
+        if args.pid is None:
+            print(f"llm-router: {e}. Is it running? `systemctl status llm-router`", file=sys.stderr)
+            return 3
+        # an older daemon without the control socket: check here, then the signal it understands
+        print(f"llm-router: {e}; checking the files here and sending SIGHUP to {args.pid} instead", file=sys.stderr)
+        if cmd_check(args) != 0:
+            return 1
+        os.kill(args.pid, signal.SIGHUP)
+        return 0
+    if answer.get("ok"):
+        print(f"{config_dir}: reloaded, {_count(answer.get('models', 0), 'model')} on "
+              f"{_count(answer.get('backends', 0), 'backend')}")
+        for key in answer.get("needs_restart") or []:
+            print(f"warning: {key}: changed settings take effect at the next restart "
+                  "(`systemctl restart llm-router`)", file=sys.stderr)
+        return 0
+    if answer.get("error"):
+        print(f"llm-router: {answer['error']}", file=sys.stderr)
+        return 1
+    print("reload REJECTED, the previous configuration keeps serving:", file=sys.stderr)
+    for problem in answer.get("problems") or []:
+        print(problem, file=sys.stderr)
+    return 1
 
 
 def _count(n: int, noun: str) -> str:
@@ -200,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
     sub.add_parser("check", parents=[common], help="validate config.yml and models.yml").set_defaults(
         func=cmd_check)
+    rl = sub.add_parser("reload", parents=[common],
+                        help="make the running daemon re-read its files; exit 1 with the problems if it refuses")
+    rl.add_argument("--pid", type=int, help="the daemon's PID (systemd's $MAINPID): only that process is asked")
+    rl.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer (default 60)")
+    rl.set_defaults(func=cmd_reload)
     sub.add_parser("models", parents=[common, remote], help="list models and their state").set_defaults(
         func=cmd_models)
     st = sub.add_parser("status", parents=[common, remote], help="what is loaded, what is loading")

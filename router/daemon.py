@@ -16,6 +16,7 @@ import uvicorn
 from router import notify
 from router.app import create_app
 from router.config import Config, ConfigError, load_config
+from router.control import ControlServer
 from router.switcher import Switcher
 from router.systemd import Systemd, SystemdError, bus_address
 
@@ -73,6 +74,8 @@ async def serve(config_dir: Path) -> int:
     loop = asyncio.get_running_loop()
     reloader = Reloader(switcher, config_dir)
     loop.add_signal_handler(signal.SIGHUP, reloader.request)
+    control = ControlServer(config_dir, reloader.answer)
+    await control.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _stop, server)
     serving = asyncio.create_task(server.serve())
@@ -87,6 +90,7 @@ async def serve(config_dir: Path) -> int:
         feeder = asyncio.create_task(_feed_watchdog(watchdog)) if watchdog else None
     await serving
     notify.notify("STOPPING=1")
+    await control.close()
     if feeder is not None:
         feeder.cancel()
     await switcher.close()
@@ -169,6 +173,12 @@ class Reloader:
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._work(), name="reload")
         return future
+
+    async def answer(self, command: str) -> dict[str, object]:
+        """The control socket's commands (`llm-router reload`)."""
+        if command != "reload":
+            return {"ok": False, "error": f"unknown command {command!r} (known: reload)"}
+        return (await self.request()).as_dict()
 
     async def _work(self) -> None:
         while self._waiters:

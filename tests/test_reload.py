@@ -5,6 +5,7 @@ so that the newest files always win."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from pathlib import Path
@@ -123,3 +124,52 @@ async def test_requests_during_a_reload_share_the_next_one(
     await asyncio.wait_for(asyncio.gather(*futures), 5)
     assert len(calls) == 2, f"{len(calls)} loads for 4 requests, 3 of them during the first load"
     assert switcher.applied == [["m-new"], ["m-new"]]
+
+
+# --- `llm-router reload`: the daemon answers on its control socket ------------------------------------------
+
+
+@pytest.mark.timeout(20)
+async def test_llm_router_reload_gets_the_daemons_verdict(
+        config_dir: Path, notified: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from router import cli, control
+
+    switcher = FakeSwitcher(load_config(config_dir))
+    reloader = daemon.Reloader(switcher, config_dir)  # type: ignore[arg-type]
+    server = control.ControlServer(config_dir, reloader.answer)
+    assert await server.start()
+    try:
+        (config_dir / "models.yml").write_text(models_yml("m-good"))
+        rc = await asyncio.to_thread(cli.main, ["reload", "--config-dir", str(config_dir), "--pid", str(os.getpid())])
+        out = capsys.readouterr()
+        assert rc == 0, out.err
+        assert "reloaded, 1 model on 1 backend" in out.out
+        assert sorted(switcher.config.models) == ["m-good"]
+
+        (config_dir / "models.yml").write_text(models_yml("m-good") + "  m-bad:\n    backend: nowhere\n")
+        rc = await asyncio.to_thread(cli.main, ["reload", "--config-dir", str(config_dir)])
+        out = capsys.readouterr()
+        assert rc == 1
+        assert "REJECTED" in out.err and "models.yml" in out.err and "nowhere" in out.err, out.err
+        assert sorted(switcher.config.models) == ["m-good"]  # the old config serves
+        assert switcher.reload_error and any("nowhere" in p for p in switcher.reload_error)  # /status shows it
+
+        # only the expected process is asked (and no other is signalled)
+        other = await asyncio.create_subprocess_exec("sleep", "30")
+        try:
+            rc = await asyncio.to_thread(cli.main, ["reload", "--config-dir", str(config_dir), "--pid", str(other.pid)])
+            assert rc == 1 and f"not to {other.pid}" in capsys.readouterr().err
+            assert other.returncode is None
+        finally:
+            other.kill()
+            await other.wait()
+    finally:
+        await server.close()
+
+
+@pytest.mark.timeout(10)
+def test_llm_router_reload_without_a_daemon_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from router import cli
+
+    assert cli.main(["reload", "--config-dir", str(tmp_path)]) == 3
+    assert "no router serving" in capsys.readouterr().err
