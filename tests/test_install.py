@@ -469,11 +469,14 @@ def test_reload_with_a_bad_config_keeps_the_old_one(installed: UserInstall) -> N
     before = model_ids(installed.url)
     try:
         models.write_text(good + "\n  bad-model:\n    backend: no-such-backend\n    command: /bin/true\n")
-        # ExecReload= runs `llm-router check` first: the reload itself fails, and says why
+        # ExecReload= asks the daemon, which refuses: the reload itself fails, and says why
         r = installed.sbx.systemctl("reload", "llm-router.service", check=False)
         assert r.returncode != 0, r.stdout + r.stderr
         msgs = installed.sbx.journal_messages("--user-unit=llm-router.service")
         assert any("models.yml:" in m and "no-such-backend" in m for m in msgs), msgs[-10:]
+        # ... and the daemon itself says so where operators look
+        rejected = get_json(f"{installed.url}/status")["config"]["reload_error"]
+        assert rejected and any("no-such-backend" in p for p in rejected), rejected
         assert installed.main_pid() == pid
         assert installed.sbx.active_state("llm-router.service") == "active"
         assert model_ids(installed.url) == before
