@@ -9,13 +9,15 @@ import tempfile
 from pathlib import Path
 
 NEW_FILE_MODE = 0o644
+NEW_DIR_MODE = 0o755  # drop-in directories: `systemctl cat` as any user must see them (they hold no secrets)
 
 
-def write_atomic(path: Path, data: str) -> bool:
+def write_atomic(path: Path, data: str, *, dir_mode: int = NEW_DIR_MODE) -> bool:
     """Make `path` hold `data` (UTF-8); False, with nothing written, when it already does.
 
     Readers see the old file or the new one, never a mix. The file keeps its mode and owner (new files
-    get 0644); a symlink is written through to its target. Missing parent directories are created.
+    get 0644); a symlink is written through to its target. Missing parent directories are created with
+`dir_mode`, whatever the process's umask (the router runs with UMask=0077).
     """
     target = Path(os.path.realpath(path))
     content = data.encode("utf-8")
@@ -30,7 +32,7 @@ def write_atomic(path: Path, data: str) -> bool:
     except FileNotFoundError:
         old = None
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs(target.parent, dir_mode)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -57,6 +59,18 @@ def remove_file(path: Path) -> bool:
         return False
     _fsync_dir(Path(path).parent)
     return True
+
+
+def _make_dirs(directory: Path, mode: int) -> None:
+    """Create `directory` and its missing parents, each with exactly `mode`."""
+    if directory.is_dir():
+        return
+    _make_dirs(directory.parent, mode)
+    try:
+        os.mkdir(directory, mode)
+    except FileExistsError:
+        return
+    os.chmod(directory, mode)  # mkdir's mode is masked by the umask
 
 
 def _copy_owner(fd: int, old: os.stat_result) -> None:
