@@ -173,3 +173,16 @@ def test_llm_router_reload_without_a_daemon_says_so(tmp_path: Path, capsys: pyte
 
     assert cli.main(["reload", "--config-dir", str(tmp_path)]) == 3
     assert "no router serving" in capsys.readouterr().err
+
+
+def test_the_cli_finds_the_daemon_while_the_files_on_disk_are_invalid(config_dir: Path) -> None:
+    """After a rejected reload the files are invalid, and that is exactly when an operator runs
+    `llm-router status`: it must still reach the daemon at config.yml's listen address, with its key."""
+    import argparse
+
+    from router import cli
+
+    (config_dir / "config.yml").write_text(CONFIG.replace("8002", "18123") + 'api_key: "k-1"\n')
+    (config_dir / "models.yml").write_text(models_yml("m") + "  m-bad:\n    backend: nowhere\n")
+    args = argparse.Namespace(config_dir=str(config_dir), url=None, api_key=None)
+    assert cli._daemon_url(args) == ("http://127.0.0.1:18123", "k-1")
