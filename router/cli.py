@@ -16,19 +16,40 @@ from router.config import ConfigError, load_config, resolve_config_dir
 
 def _daemon_url(args: argparse.Namespace) -> tuple[str, str | None]:
     """The daemon's URL and API key: --url / --api-key / $LLM_ROUTER_API_KEY, else from config.yml."""
-    url, key = "http://127.0.0.1:8002", None
+    host, port, key = "127.0.0.1", 8002, None
+    config_dir = resolve_config_dir(args.config_dir)
     try:
-        config = load_config(resolve_config_dir(args.config_dir))
-        host = config.listen.host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        url = f"http://{'[' + host + ']' if ':' in host else host}:{config.listen.port}"
-        key = config.api_key
-    except (ConfigError, OSError):
+        config = load_config(config_dir)
+        host, port, key = config.listen.host, config.listen.port, config.api_key
+    except ConfigError:
+        host, port, key = _listen_of_invalid_config(config_dir / "config.yml", host, port)
+    except OSError:
         pass  # the defaults will do; the request says if they don't
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     if args.url:
         url = args.url.rstrip("/")
     return url, args.api_key or os.environ.get("LLM_ROUTER_API_KEY") or key
+
+
+def _listen_of_invalid_config(path: Path, host: str, port: int) -> tuple[str, int, str | None]:
+    """listen.host, listen.port and api_key of a config that does not validate (after a rejected reload
+    the daemon still serves the previous one, most likely at the same address), as far as they read."""
+    import yaml
+
+    key = None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return host, port, key
+    if isinstance(data, dict):
+        listen = data.get("listen")
+        if isinstance(listen, dict):
+            host = listen.get("host") if isinstance(listen.get("host"), str) else host
+            port = listen.get("port") if isinstance(listen.get("port"), int) else port
+        key = data.get("api_key") if isinstance(data.get("api_key"), str) else None
+    return host, port, key
 
 
 def _client(args: argparse.Namespace) -> Any:
