@@ -5,7 +5,7 @@
 #
 # On a fresh Debian 12 machine (as root) it:
 #   1. installs the Debian packages the project and its integration tests need, only those missing
-#      (python3-venv, python3-gi, systemd, dbus-user-session, ...; `apt-get update` first);
+#      (python3-venv, python3-gi, systemd, dbus-user-session, libgomp1, ...; `apt-get update` first);
 #   2. creates .venv with `/usr/bin/python3 -m venv --system-site-packages` if it does not exist
 #      (pydbus needs Debian's python3-gi from the system site-packages);
 #   3. runs `pip install -e '.[test,demo]'` unless .venv already has this pyproject.toml installed;
@@ -23,7 +23,10 @@ STAMP=$VENV/.llm-router-installed
 say() { echo "tests/run.sh: $*" >&2; }
 
 # --- 1. Debian packages --------------------------------------------------------------------------
-DEB_PACKAGES=(python3 python3-venv python3-gi systemd dbus dbus-user-session util-linux)
+# libgomp1: the llama.cpp wheel (xllamacpp) loads libgomp.so.1, missing on a minimal Debian 12.
+# systemd-container, debootstrap: tests/test_pid1.py boots a minimal Debian 12 with systemd as PID 1.
+DEB_PACKAGES=(python3 python3-venv python3-gi systemd dbus dbus-user-session util-linux libgomp1
+              systemd-container debootstrap)
 missing=()
 if command -v dpkg-query >/dev/null 2>&1; then
     for p in "${DEB_PACKAGES[@]}"; do
