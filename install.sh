@@ -66,7 +66,7 @@ Options:
                       the Open WebUI URL.
   --demo-dir DIR      where the demo keeps its venv, models, config and state (default ./.demo)
   --sandbox           with --demo: always use a private systemd user manager (needs root), even if
-                      your own user manager runs
+                      your own user manager runs; only where systemd is not PID 1
   --stop              with --demo: stop the demo and remove everything it created
   --uninstall         stop and disable the router, remove its units, the backend unit templates
                       install.sh installed (unless you edited them), the router's drop-ins and the
@@ -670,6 +670,9 @@ demo_start() {
     DEMO_STARTED_MANAGER=0
     if [ "$SANDBOX" = 1 ]; then
         [ "$(id -u)" = 0 ] || die "--sandbox starts a private systemd user manager, which needs root: run \`sudo ./install.sh --demo --sandbox\`"
+        if [ -d /run/systemd/system ] && [ "$(pid1)" = systemd ]; then
+            die "--sandbox is for hosts where systemd is not PID 1: here it is, and the private manager's cgroup would sit outside systemd's tree (beside system.slice). Run \`./install.sh --demo\` without --sandbox: it uses your systemd user manager (or, as root, root's)."
+        fi
         DEMO_MANAGER=sandbox why="private systemd user manager: --sandbox"
     elif manager_up "$state"; then
         DEMO_MANAGER=user why="your systemd user manager"
