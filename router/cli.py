@@ -16,7 +16,8 @@ from router.config import ConfigError, load_config, resolve_config_dir
 
 def _daemon_url(args: argparse.Namespace) -> tuple[str, str | None]:
     """The daemon's URL and API key: --url / --api-key / $LLM_ROUTER_API_KEY, else from config.yml."""
-    host, port, key = "127.0.0.1", 8002, None
+    host, port = "127.0.0.1", 8002
+    key: str | None = None
     config_dir = resolve_config_dir(args.config_dir)
     try:
         config = load_config(config_dir)
@@ -46,9 +47,11 @@ def _listen_of_invalid_config(path: Path, host: str, port: int) -> tuple[str, in
     if isinstance(data, dict):
         listen = data.get("listen")
         if isinstance(listen, dict):
-            host = listen.get("host") if isinstance(listen.get("host"), str) else host
-            port = listen.get("port") if isinstance(listen.get("port"), int) else port
-        key = data.get("api_key") if isinstance(data.get("api_key"), str) else None
+            new_host, new_port = listen.get("host"), listen.get("port")
+            host = new_host if isinstance(new_host, str) else host
+            port = new_port if isinstance(new_port, int) else port
+        api_key = data.get("api_key")
+        key = api_key if isinstance(api_key, str) else None
     return host, port, key
 
 
