@@ -670,7 +670,7 @@ demo_start() {
     DEMO_STARTED_MANAGER=0
     if [ "$SANDBOX" = 1 ]; then
         [ "$(id -u)" = 0 ] || die "--sandbox starts a private systemd user manager, which needs root: run \`sudo ./install.sh --demo --sandbox\`"
-        if [ -d /run/systemd/system ] && [ "$(pid1)" = systemd ]; then
+        if [ -d /run/systemd/system ]; then   # sd_booted(): systemd is PID 1
             die "--sandbox is for hosts where systemd is not PID 1: here it is, and the private manager's cgroup would sit outside systemd's tree (beside system.slice). Run \`./install.sh --demo\` without --sandbox: it uses your systemd user manager (or, as root, root's)."
         fi
         DEMO_MANAGER=sandbox why="private systemd user manager: --sandbox"
@@ -697,10 +697,10 @@ demo_start() {
         # logind stops a user manager without a session unless the user "lingers": linger while the demo runs.
         if [ "$(loginctl show-user root -p Linger --value 2>/dev/null)" != yes ]; then
             say "Running root's systemd user manager (user@0.service) for the demo: \`loginctl enable-linger root\` until --demo --stop"
-            loginctl enable-linger root || die "loginctl enable-linger root failed: run the demo from a user's login shell (\`systemctl --user\` must work), or with --sandbox"
+            loginctl enable-linger root || die "loginctl enable-linger root failed: run the demo from a user's login shell (\`systemctl --user\` must work)"
             DEMO_STARTED_MANAGER=1
         fi
-        timeout "$START_TIMEOUT" systemctl start user@0.service || die "systemctl start user@0.service failed: run the demo from a user's login shell (\`systemctl --user\` must work), or with --sandbox"
+        timeout "$START_TIMEOUT" systemctl start user@0.service || die "systemctl start user@0.service failed: run the demo from a user's login shell (\`systemctl --user\` must work)"
         export XDG_RUNTIME_DIR=/run/user/0
         state=$(user_manager_state)
         manager_up "$state" || die "root's user manager did not come up (systemctl --user: ${state:-no connection})"
