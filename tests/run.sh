@@ -13,7 +13,8 @@
 # Exits non-zero on any failure. Not root: step 1 is skipped, and the integration tests (which need
 # a private systemd user manager in a mount namespace) are skipped by pytest with the reason.
 # Environment: LLM_ROUTER_TEST_TIMEOUT (s, default 840) bounds the pytest run as a whole;
-# LLM_ROUTER_REQUIRE_SANDBOX=1 turns "skipped: cannot run the systemd sandbox" into a failure.
+# LLM_ROUTER_REQUIRE_SANDBOX=1 turns "skipped: cannot run the systemd sandbox" into a failure, and
+# LLM_ROUTER_REQUIRE_PID1=1 the skip of tests/test_pid1.py (no systemd-nspawn here) likewise.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

@@ -142,6 +142,16 @@ cg_clean() { # NAME: kill what is left in NAME in every hierarchy, then remove i
     say "warning: could not remove the cgroup $1"
 }
 
+cg_gc() { # remove the empty cgroups of machines whose power-off never ran (a killed test run)
+    local h d
+    for h in $(hierarchies); do
+        for d in "$h"/llm-router-pid1-*; do
+            [ -d "$d" ] && [ $(( $(date +%s) - $(stat -c %Y "$d") )) -ge 60 ] || continue
+            find "$d" -depth -type d -exec rmdir {} + 2>/dev/null || true   # fails on any with processes
+        done
+    done
+}
+
 # --- boot, run, power off -------------------------------------------------------------------------------
 cmd_boot() {
     local state=$1 image=$2; shift 2
@@ -150,6 +160,7 @@ cmd_boot() {
     binds+=("$@")
     mkdir -p "$state"
     [ ! -e "$state/nspawn.pid" ] || die "$state: a machine is already booted there (power it off first)"
+    cg_gc
     name=llm-router-pid1-$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')
     echo "$name" > "$state/cgroup"
     for h in $(hierarchies); do mkdir -p "$h/$name"; done
