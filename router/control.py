@@ -109,8 +109,12 @@ class NoDaemon(Exception):
     """Nothing listens on the control socket of that config directory."""
 
 
+class Squatted(NoDaemon):
+    """Another user's process holds the socket's name (the daemon could not listen): as good as none."""
+
+
 class Untrusted(Exception):
-    """Something listens there, but not the expected process (or not root or this user)."""
+    """Something of root's or this user's listens there, but not the expected process."""
 
 
 def request(config_dir: Path, command: str, *, expect_pid: int | None = None, timeout: float = 60.0) -> Any:
@@ -122,10 +126,11 @@ def request(config_dir: Path, command: str, *, expect_pid: int | None = None, ti
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise NoDaemon(f"no router serving {config_dir} answers on its control socket") from e
         pid, uid, _ = peer_credentials(sock)
+        if uid not in (0, os.getuid()):
+            raise Squatted(f"the control socket of {config_dir} is held by process {pid} of user {uid}, "
+                           "not by the router")
         if expect_pid is not None and pid != expect_pid:
             raise Untrusted(f"the control socket of {config_dir} belongs to process {pid}, not to {expect_pid}")
-        if uid not in (0, os.getuid()):
-            raise Untrusted(f"the control socket of {config_dir} belongs to user {uid}: not trusted")
         sock.sendall(json.dumps({"command": command}).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n") and len(data) < MAX_LINE:

@@ -186,3 +186,37 @@ def test_the_cli_finds_the_daemon_while_the_files_on_disk_are_invalid(config_dir
     (config_dir / "models.yml").write_text(models_yml("m") + "  m-bad:\n    backend: nowhere\n")
     args = argparse.Namespace(config_dir=str(config_dir), url=None, api_key=None)
     assert cli._daemon_url(args) == ("http://127.0.0.1:18123", "k-1")
+
+
+@pytest.mark.timeout(20)
+def test_a_socket_held_by_another_user_is_not_trusted_and_reload_falls_back_to_sighup(
+        config_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Another user who takes the socket's name first gets nothing: `llm-router reload --pid` checks the files
+    itself and signals the process systemd vouches for."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    from router import cli, control
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to act as another user")
+    squatter = subprocess.Popen(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c",
+         "import socket, sys, time; s = socket.socket(socket.AF_UNIX); s.bind(b'\\0' + sys.argv[1].encode()); "
+         "s.listen(); print('ready', flush=True); time.sleep(30)", control.address(config_dir)[1:].decode()],
+        stdout=subprocess.PIPE, text=True)
+    daemon_stand_in = subprocess.Popen(["sleep", "30"])
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline().strip() == "ready"
+        with pytest.raises(control.Squatted):
+            control.request(config_dir, "reload")
+        rc = cli.main(["reload", "--config-dir", str(config_dir), "--pid", str(daemon_stand_in.pid)])
+        assert rc == 0, capsys.readouterr().err
+        assert "sending SIGHUP" in capsys.readouterr().err
+        assert daemon_stand_in.wait(timeout=5) == -signal.SIGHUP
+    finally:
+        for p in (squatter, daemon_stand_in):
+            p.kill()
+            p.wait(timeout=5)
