@@ -66,7 +66,7 @@ Options:
                       the Open WebUI URL.
   --demo-dir DIR      where the demo keeps its venv, models, config and state (default ./.demo)
   --sandbox           with --demo: always use a private systemd user manager (needs root), even if
-                      your own user manager runs
+                      your own user manager runs; only where systemd is not PID 1
   --stop              with --demo: stop the demo and remove everything it created
   --uninstall         stop and disable the router, remove its units, the backend unit templates
                       install.sh installed (unless you edited them), the router's drop-ins and the
@@ -198,6 +198,22 @@ find_missing_packages() { # $1 = interpreter; fills MISSING_PKGS
     fi
     "$py" -c 'import gi; gi.require_version("Gio", "2.0"); from gi.repository import Gio' >/dev/null 2>&1 \
         || MISSING_PKGS+=(python3-gi)
+    if [ "$DEMO" = 1 ]; then
+        # the llama.cpp wheel (xllamacpp) loads GNU OpenMP, which a minimal Debian lacks
+        has_library libgomp.so.1 || MISSING_PKGS+=(libgomp1)
+        # the demo's units talk to their user manager over the user's D-Bus (dbus.socket of the user manager)
+        [ -e /usr/lib/systemd/user/dbus.socket ] || [ -e /lib/systemd/user/dbus.socket ] \
+            || MISSING_PKGS+=(dbus-user-session)
+    fi
+}
+
+has_library() { # SONAME: the dynamic linker finds it
+    local ldconfig
+    ldconfig=$(command -v ldconfig || echo /sbin/ldconfig)
+    "$ldconfig" -p 2>/dev/null | grep -q "^[[:space:]]*$1 " && return 0
+    [ ! -x "$ldconfig" ] || return 1
+    # no ldconfig to ask: look where Debian and others keep libraries
+    compgen -G "/usr/lib/*/$1" >/dev/null || compgen -G "/usr/lib64/$1" >/dev/null || compgen -G "/usr/lib/$1" >/dev/null
 }
 
 ensure_packages() { # $1 = interpreter
@@ -205,7 +221,7 @@ ensure_packages() { # $1 = interpreter
     [ ${#MISSING_PKGS[@]} -gt 0 ] || return 0
     local what="${MISSING_PKGS[*]}"
     if ! command -v apt-get >/dev/null; then
-        die "missing OS packages and no apt-get to install them: install by hand the Python venv module with ensurepip (Debian/Ubuntu: python3-venv) and PyGObject for $1 (Debian/Ubuntu: python3-gi; Fedora: python3-gobject; Arch: python-gobject), then run this again. Missing: $what"
+        die "missing OS packages and no apt-get to install them: install by hand the Python venv module with ensurepip (Debian/Ubuntu: python3-venv), PyGObject for $1 (Debian/Ubuntu: python3-gi; Fedora: python3-gobject; Arch: python-gobject)$([ "$DEMO" = 0 ] || echo ", GNU OpenMP (libgomp1; Fedora: libgomp) and the user D-Bus (dbus-user-session; Fedora: dbus-daemon)"), then run this again. Missing (Debian names): $what"
     fi
     if [ "$(id -u)" != 0 ]; then
         die "missing OS packages: $what. Install them with \`sudo apt-get install $what\`, then run this again."
@@ -487,7 +503,7 @@ for b in load_config(__import__("pathlib").Path(sys.argv[1])).backends.values():
     echo
     echo "${GRN}llm-router is running${OFF} ($ROUTER_UNIT, $("${SCTL[@]}" is-active "$ROUTER_UNIT"), enabled at boot)."
     note "models:   $VENV/bin/llm-router models --config-dir $CONFIG_DIR"
-    note "config:   edit $CONFIG_DIR/models.yml, then \`$VENV/bin/llm-router check --config-dir $CONFIG_DIR\` and \`${SCTL_HINT} reload llm-router\`"
+    note "config:   edit $CONFIG_DIR/models.yml, then \`${SCTL_HINT} reload llm-router\` (it fails, saying why, if the router refuses the files)"
     note "logs:     $JOURNAL_CMD -f"
     if [ "$USER_MODE" = 1 ] && [ "$(id -u)" != 0 ] && command -v loginctl >/dev/null \
         && [ "$(loginctl show-user "$(id -un)" -p Linger --value 2>/dev/null)" = no ]; then
@@ -593,10 +609,14 @@ demo_stop() { # quiet=1: called to clean up after a failed start
         [ "$quiet" = 1 ] || say "No demo to stop (nothing in $DEMO_DIR)."
         return 0
     fi
-    local DEMO_UNIT_DIR= DEMO_VENV_EXTERNAL=1 DEMO_PORT=
+    local DEMO_UNIT_DIR= DEMO_VENV_EXTERNAL=1 DEMO_PORT= DEMO_RUNTIME_DIR= DEMO_STARTED_MANAGER=0
     if [ -e "$DEMO_STATE" ]; then
         # shellcheck disable=SC1090
         . "$DEMO_STATE"
+    fi
+    # the user manager the demo ran in (e.g. root's, from a shell without XDG_RUNTIME_DIR)
+    if [ "$DEMO_MANAGER" = user ] && [ -n "$DEMO_RUNTIME_DIR" ] && [ -S "$DEMO_RUNTIME_DIR/systemd/private" ]; then
+        export XDG_RUNTIME_DIR=$DEMO_RUNTIME_DIR
     fi
     [ "$quiet" = 1 ] || say "Stopping the demo ($DEMO_DIR)"
     if [ "$DEMO_MANAGER" = sandbox ]; then
@@ -612,6 +632,10 @@ demo_stop() { # quiet=1: called to clean up after a failed start
         dctl daemon-reload >/dev/null 2>&1 || true
         dctl reset-failed "$DEMO_UNIT" "$DEMO_BACKEND_UNIT" >/dev/null 2>&1 || true
         note "stopped and removed $DEMO_UNIT and $DEMO_BACKEND_UNIT from your user manager"
+        if [ "$DEMO_STARTED_MANAGER" = 1 ]; then
+            loginctl disable-linger root || warn "loginctl disable-linger root failed"
+            note "loginctl disable-linger root: root's user manager, started for the demo, ends with its last session"
+        fi
     fi
     # only what the demo made (an external --venv stays), then the directory if that left it empty
     rm -rf "$DEMO_DIR/models" "$DEMO_DIR/config" "$DEMO_DIR/sandbox" "$DEMO_STATE"
@@ -620,22 +644,45 @@ demo_stop() { # quiet=1: called to clean up after a failed start
     [ "$quiet" = 1 ] || say "Demo stopped; $DEMO_DIR removed."
 }
 
+manager_up() { case ${1:-} in running|degraded|starting|initializing|maintenance) return 0 ;; *) return 1 ;; esac; }
+
+write_demo_state() { # what --demo --stop needs to undo it (sourced by demo_stop)
+    cat > "$DEMO_STATE" <<EOF
+DEMO_MANAGER=$DEMO_MANAGER
+DEMO_UNIT_DIR='${DEMO_UNIT_DIR:-}'
+DEMO_VENV_EXTERNAL=$VENV_EXTERNAL
+DEMO_PORT=${DEMO_PORT:-}
+DEMO_RUNTIME_DIR='${XDG_RUNTIME_DIR:-}'
+DEMO_STARTED_MANAGER=${DEMO_STARTED_MANAGER:-0}
+EOF
+}
+
 demo_start() {
     demo_paths
     if [ -e "$DEMO_STATE" ]; then
         say "A demo is already set up in $DEMO_DIR: stopping it first"
         demo_stop 1
     fi
-    # where do the units run?
-    local state
+    # where do the units run? your user manager; as root on a host whose PID 1 is systemd, root's own
+    # (user@0.service, started for the demo); else (a container, CI, PID 1 not systemd) a private one
+    local state why
     state=$(user_manager_state)
-    if [ "$SANDBOX" = 0 ] && case $state in running|degraded|starting|initializing|maintenance) true ;; *) false ;; esac; then
-        DEMO_MANAGER=user
+    DEMO_STARTED_MANAGER=0
+    if [ "$SANDBOX" = 1 ]; then
+        [ "$(id -u)" = 0 ] || die "--sandbox starts a private systemd user manager, which needs root: run \`sudo ./install.sh --demo --sandbox\`"
+        if [ -d /run/systemd/system ]; then   # sd_booted(): systemd is PID 1
+            die "--sandbox is for hosts where systemd is not PID 1: here it is, and the private manager's cgroup would sit outside systemd's tree (beside system.slice). Run \`./install.sh --demo\` without --sandbox: it uses your systemd user manager (or, as root, root's)."
+        fi
+        DEMO_MANAGER=sandbox why="private systemd user manager: --sandbox"
+    elif manager_up "$state"; then
+        DEMO_MANAGER=user why="your systemd user manager"
+    elif [ "$(id -u)" = 0 ] && [ -d /run/systemd/system ]; then
+        DEMO_MANAGER=user why="root's systemd user manager, user@0.service"
     else
         if [ "$(id -u)" != 0 ]; then
             die "no systemd user manager is reachable here (${state:-no connection}), and starting a private one needs root: run \`sudo ./install.sh --demo\` (or log in through a systemd session so that \`systemctl --user\` works)"
         fi
-        DEMO_MANAGER=sandbox
+        DEMO_MANAGER=sandbox why="private systemd user manager: PID 1 is $(pid1), not systemd"
     fi
     if [ "$VENV_EXTERNAL" = 1 ]; then check_python "$VENV/bin/python"; else check_python "$PYTHON"; fi
     ensure_packages "$PYTHON"
@@ -645,17 +692,28 @@ demo_start() {
             command -v "$t" >/dev/null || die "the private systemd manager needs \`$t\` (apt-get install util-linux systemd)"
         done
         [ -x /lib/systemd/systemd ] || die "the demo needs systemd installed (/lib/systemd/systemd; apt-get install systemd), even if it does not run as PID 1"
-        [ -e /usr/lib/systemd/user/dbus.socket ] || [ -e /lib/systemd/user/dbus.socket ] \
-            || { if command -v apt-get >/dev/null; then
-                     say "Installing dbus-user-session (the D-Bus of the private user manager)"
-                     DEBIAN_FRONTEND=noninteractive apt-get install -y -q dbus-user-session || die "apt-get install dbus-user-session failed"
-                 else die "the private user manager needs the user D-Bus: install dbus-user-session"; fi; }
+    elif ! manager_up "$state"; then
+        # root, systemd is PID 1, no user manager reachable (sudo opens no login session): root's own.
+        # logind stops a user manager without a session unless the user "lingers": linger while the demo runs.
+        if [ "$(loginctl show-user root -p Linger --value 2>/dev/null)" != yes ]; then
+            say "Running root's systemd user manager (user@0.service) for the demo: \`loginctl enable-linger root\` until --demo --stop"
+            loginctl enable-linger root || die "loginctl enable-linger root failed: run the demo from a user's login shell (\`systemctl --user\` must work)"
+            DEMO_STARTED_MANAGER=1
+        fi
+        timeout "$START_TIMEOUT" systemctl start user@0.service || die "systemctl start user@0.service failed: run the demo from a user's login shell (\`systemctl --user\` must work)"
+        export XDG_RUNTIME_DIR=/run/user/0
+        state=$(user_manager_state)
+        manager_up "$state" || die "root's user manager did not come up (systemctl --user: ${state:-no connection})"
+    fi
+    if [ "$DEMO_MANAGER" = user ]; then
+        # a user manager that was running before dbus-user-session was installed has no user bus yet
+        dctl daemon-reload && dctl start dbus.socket || die "the user D-Bus (dbus.socket of your user manager) did not start"
     fi
 
-    say "llm-router demo in $DEMO_DIR ($([ "$DEMO_MANAGER" = sandbox ] && echo "private systemd user manager: none was reachable" || echo "your systemd user manager"))"
+    say "llm-router demo in $DEMO_DIR ($why)"
     mkdir -p "$DEMO_DIR"
     if [ "$VENV_EXTERNAL" = 0 ]; then VENV=$DEMO_DIR/venv; fi
-    printf 'DEMO_MANAGER=%s\nDEMO_VENV_EXTERNAL=%s\n' "$DEMO_MANAGER" "$VENV_EXTERNAL" > "$DEMO_STATE"
+    write_demo_state
     # cleanup on failure from here on
     trap 'rc=$?; if [ $rc != 0 ]; then demo_failed; fi; cleanup_tmp' EXIT
     ensure_venv "[demo]"
@@ -678,12 +736,8 @@ demo_start() {
     else
         DEMO_UNIT_DIR=$XDG_CONFIG/systemd/user
     fi
-    cat > "$DEMO_STATE" <<EOF
-DEMO_MANAGER=$DEMO_MANAGER
-DEMO_UNIT_DIR='$DEMO_UNIT_DIR'
-DEMO_VENV_EXTERNAL=$VENV_EXTERNAL
-DEMO_PORT=$port
-EOF
+    DEMO_PORT=$port
+    write_demo_state
 
     say "Writing the demo config and units"
     "$RUN_PY" -m router.demo.run write-config --dir "$DEMO_DIR/config" --port "$port" \
@@ -731,7 +785,7 @@ EOF
     echo "    URL: $url/v1     (Open WebUI in Docker: run it with --network=host)"
     echo "    Key: anything"
     echo "Config: $DEMO_DIR/config/models.yml and config.yml; after editing:"
-    echo "        $VENV/bin/llm-router check --config-dir $DEMO_DIR/config && $sctl_hint reload $DEMO_UNIT"
+    echo "        $sctl_hint reload $DEMO_UNIT     (fails, saying why, if the router refuses the files)"
     echo "Units:  $sctl_hint status $DEMO_UNIT $DEMO_BACKEND_UNIT"
     echo "Logs:   $jhint     (the model's own: --user-unit=$DEMO_BACKEND_UNIT)"
     echo "Stop:   $0 --demo --stop$( [ "$DEMO_DIR" = "$REPO/.demo" ] || echo " --demo-dir $DEMO_DIR")"

@@ -16,18 +16,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 NEW_FILE_MODE = 0o644
+NEW_DIR_MODE = 0o755  # drop-in directories: `systemctl cat` as any user must see them (they hold no secrets)
 
 
-def write_atomic(path: Path, data: str) -> bool:
+def write_atomic(path: Path, data: str, *, dir_mode: int = NEW_DIR_MODE) -> bool:
     """Make `path` hold `data` (UTF-8); False, with nothing written, when it already does.
 
     Readers see the old file or the new one, never a mix. The file keeps its mode and owner (new files
-    get 0644). Missing parent directories are created. A symlink as the file or as its directory is
-    refused (OSError ELOOP naming the link); so is anything but a regular file.
+    get 0644). Missing parent directories are created with `dir_mode`, whatever the process's umask
+    (the router runs with UMask=0077). A symlink as the file or as its directory is refused (OSError
+    ELOOP naming the link); so is anything but a regular file.
     """
     target = Path(path)
     content = data.encode("utf-8")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs(target.parent, dir_mode)
     with _directory(target.parent) as dfd:
         old = _regular_or_none(target, dfd)
         if old is not None:
@@ -130,6 +132,18 @@ def _temp_file(name: str, dfd: int) -> tuple[int, str]:
                            dir_fd=dfd), tmp
         except FileExistsError:
             continue
+
+
+def _make_dirs(directory: Path, mode: int) -> None:
+    """Create `directory` and its missing parents, each with exactly `mode`."""
+    if directory.is_dir():
+        return
+    _make_dirs(directory.parent, mode)
+    try:
+        os.mkdir(directory, mode)
+    except FileExistsError:
+        return
+    os.chmod(directory, mode)  # mkdir's mode is masked by the umask
 
 
 def _copy_owner(fd: int, old: os.stat_result) -> None:

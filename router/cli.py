@@ -1,10 +1,11 @@
-"""Command line: `llm-router serve|check|models|status|switch|unload`."""
+"""Command line: `llm-router serve|check|reload|models|status|switch|unload`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,21 +16,47 @@ from router.config import Config, ConfigError, load_config, resolve_config_dir
 
 def _daemon_url(args: argparse.Namespace, admin: bool = False) -> tuple[str, str | None]:
     """The daemon's URL and API key: --url / --api-key / $LLM_ROUTER_API_KEY, else from config.yml (for
-    /admin: its first admin_api_keys entry when set, else its first client key)."""
-    url, key = "http://127.0.0.1:8002", None
+    /admin: its first admin_api_keys entry when set, else its first client key). With files that do not
+    validate (a rejected reload) the daemon still serves the previous ones, most likely at the same address."""
+    host, port = "127.0.0.1", 8002
+    key: str | None = None
+    config_dir = resolve_config_dir(args.config_dir)
     try:
-        config = load_config(resolve_config_dir(args.config_dir))
-        host = config.listen.host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        url = f"http://{'[' + host + ']' if ':' in host else host}:{config.listen.port}"
+        config = load_config(config_dir)
+        host, port = config.listen.host, config.listen.port
         keys = (config.admin_api_keys if admin else ()) or config.client_keys
         key = keys[0] if keys else None
-    except (ConfigError, OSError):
+    except ConfigError:
+        host, port, key = _listen_of_invalid_config(config_dir / "config.yml", host, port)
+    except OSError:
         pass  # the defaults will do; the request says if they don't
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     if args.url:
         url = args.url.rstrip("/")
     return url, args.api_key or os.environ.get("LLM_ROUTER_API_KEY") or key
+
+
+def _listen_of_invalid_config(path: Path, host: str, port: int) -> tuple[str, int, str | None]:
+    """listen.host, listen.port and api_key of a config that does not validate (after a rejected reload
+    the daemon still serves the previous one, most likely at the same address), as far as they read."""
+    from router import yamlsafe
+
+    key = None
+    try:
+        data = yamlsafe.safe_load(path.read_text(encoding="utf-8"))  # bounded: the file may be a YAML bomb
+    except Exception:  # unreadable, not YAML, too deep or too big: the defaults will do
+        return host, port, key
+    if isinstance(data, dict):
+        listen = data.get("listen")
+        if isinstance(listen, dict):
+            new_host, new_port = listen.get("host"), listen.get("port")
+            host = new_host if isinstance(new_host, str) else host
+            port = new_port if isinstance(new_port, int) else port
+        api_key = data.get("api_key")
+        key = api_key if isinstance(api_key, str) else None
+    return host, port, key
 
 
 def _client(args: argparse.Namespace, admin: bool = False) -> Any:
@@ -100,6 +127,42 @@ def _symlink_warnings(config: Config) -> list[str]:
                          f"drop-ins through a symlink, so loading a model with a command or env on {unit} will "
                          "fail: replace the link with a directory")
     return found
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the running daemon to reload and report its answer (systemd's ExecReload= runs this)."""
+    from router import control
+
+    config_dir = resolve_config_dir(args.config_dir)
+    try:
+        answer = control.request(config_dir, "reload", expect_pid=args.pid, timeout=args.timeout)
+    except (control.Untrusted, OSError) as e:
+        print(f"llm-router: {e}", file=sys.stderr)
+        return 1
+    except control.NoDaemon as e:
+        if args.pid is None:
+            print(f"llm-router: {e}. Is it running? `systemctl status llm-router`", file=sys.stderr)
+            return 3
+        # an older daemon without the control socket: check here, then the signal it understands
+        print(f"llm-router: {e}; checking the files here and sending SIGHUP to {args.pid} instead", file=sys.stderr)
+        if cmd_check(args) != 0:
+            return 1
+        os.kill(args.pid, signal.SIGHUP)
+        return 0
+    if answer.get("ok"):
+        print(f"{config_dir}: reloaded, {_count(answer.get('models', 0), 'model')} on "
+              f"{_count(answer.get('backends', 0), 'backend')}")
+        for key in answer.get("needs_restart") or []:
+            print(f"warning: {key}: changed settings take effect at the next restart "
+                  "(`systemctl restart llm-router`)", file=sys.stderr)
+        return 0
+    if answer.get("error"):
+        print(f"llm-router: {answer['error']}", file=sys.stderr)
+        return 1
+    print("reload REJECTED, the previous configuration keeps serving:", file=sys.stderr)
+    for problem in answer.get("problems") or []:
+        print(problem, file=sys.stderr)
+    return 1
 
 
 def _count(n: int, noun: str) -> str:
@@ -257,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
     sub.add_parser("check", parents=[common], help="validate config.yml and models.yml").set_defaults(
         func=cmd_check)
+    rl = sub.add_parser("reload", parents=[common],
+                        help="make the running daemon re-read its files; exit 1 with the problems if it refuses")
+    rl.add_argument("--pid", type=int, help="the daemon's PID (systemd's $MAINPID): only that process is asked")
+    rl.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer (default 60)")
+    rl.set_defaults(func=cmd_reload)
     sub.add_parser("models", parents=[common, remote], help="list models and their state").set_defaults(
         func=cmd_models)
     st = sub.add_parser("status", parents=[common, remote], help="what is loaded, what is loading")

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import uvicorn
 from router import httpserver, notify, ports
 from router.app import create_app
 from router.config import Config, ConfigError, load_config
+from router.control import ControlServer
 from router.executor import HealthProbe
 from router.observability import Observability
 from router.switcher import Switcher
@@ -88,7 +89,10 @@ async def serve(config_dir: Path) -> int:
     app = create_app(switcher, http, observability)
     server = _Server(uvicorn_config(app, config))
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload(switcher, config_dir)))
+    reloader = Reloader(switcher, config_dir)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
+    control = ControlServer(config_dir, reloader.answer)
+    await control.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _stop, server, observability.stop_streams)
     serving = asyncio.create_task(server.serve())
@@ -103,6 +107,7 @@ async def serve(config_dir: Path) -> int:
         feeder = asyncio.create_task(_feed_watchdog(switcher, watchdog)) if watchdog else None
     await serving
     notify.notify("STOPPING=1")
+    await control.close()
     if feeder is not None:
         feeder.cancel()
     await switcher.close()
@@ -122,19 +127,37 @@ def uvicorn_config(app: Any, config: Config) -> uvicorn.Config:
         backlog=2048)
 
 
-async def reload(switcher: Switcher, config_dir: Path) -> None:
-    """SIGHUP: re-read both files; a valid config applies to the next request, an invalid one is refused."""
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """What one reload did: applied (with counts and what waits for a restart) or rejected (problems)."""
+
+    ok: bool
+    problems: tuple[str, ...] = ()
+    models: int = 0
+    backends: int = 0
+    needs_restart: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, object]:
+        return {"ok": self.ok, "problems": list(self.problems), "models": self.models,
+                "backends": self.backends, "needs_restart": list(self.needs_restart)}
+
+
+async def reload(switcher: Switcher, config_dir: Path) -> ReloadOutcome:
+    """Re-read both files; a valid config applies to the next request, an invalid one is refused.
+
+    Never raises, and always ends with READY=1, so systemd never stays in `reloading`: anything
+    unexpected is a rejected reload too, shown in /status like a config error.
+    """
     notify.notify("RELOADING=1")
     try:
-        config = await asyncio.to_thread(load_config, config_dir)
-    except ConfigError as e:
-        switcher.reload_error = [str(p) for p in e.problems]
-        log.error("reload_rejected", problems=switcher.reload_error,
-                  hint="the previous configuration keeps serving; fix the files and reload again")
-    else:
+        try:
+            config = await asyncio.to_thread(load_config, config_dir)
+        except ConfigError as e:
+            return _rejected(switcher, [str(p) for p in e.problems])
         old = switcher.config
-        if (old.listen != config.listen) or (old.systemd != config.systemd):
-            log.warning("reload_needs_restart", keys="listen/systemd",
+        needs_restart = tuple(k for k in ("listen", "systemd") if getattr(old, k) != getattr(config, k))
+        if needs_restart:
+            log.warning("reload_needs_restart", keys="/".join(needs_restart),
                         hint="listen and systemd settings take effect at the next restart")
             config = _keep_fixed(config, old)
         if replace(old.limits, max_body_bytes=0) != replace(config.limits, max_body_bytes=0):
@@ -142,7 +165,60 @@ async def reload(switcher: Switcher, config_dir: Path) -> None:
                         hint="the HTTP server's limits take effect at the next restart")
         switcher.reload(config)
         log.info("reloaded", models=len(config.models), backends=len(config.backends))
-    notify.notify("READY=1")
+        return ReloadOutcome(True, models=len(config.models), backends=len(config.backends),
+                             needs_restart=needs_restart)
+    except Exception as e:  # a bug or an unreadable file must not leave systemd waiting, nor go unseen
+        log.exception("reload_failed")
+        return _rejected(switcher, [f"{config_dir}: the reload failed unexpectedly ({type(e).__name__}: {e}); "
+                                    "the journal has the traceback"])
+    finally:
+        notify.notify("READY=1")
+
+
+def _rejected(switcher: Switcher, problems: list[str]) -> ReloadOutcome:
+    switcher.reload_error = problems
+    log.error("reload_rejected", problems=problems,
+              hint="the previous configuration keeps serving; fix the files and reload again")
+    return ReloadOutcome(False, problems=tuple(problems))
+
+
+class Reloader:
+    """Applies reload requests (SIGHUP, `llm-router reload`) one at a time, in the order they came.
+
+    A request is answered by a load that started after it arrived, so the newest files always win;
+    the requests that arrive while a load runs share the next one.
+    """
+
+    def __init__(self, switcher: Switcher, config_dir: Path) -> None:
+        self.switcher = switcher
+        self.config_dir = config_dir
+        self._requested = 0  # requests so far; each waiter remembers its number
+        self._waiters: list[tuple[int, asyncio.Future[ReloadOutcome]]] = []
+        self._worker: asyncio.Task[None] | None = None
+
+    def request(self) -> asyncio.Future[ReloadOutcome]:
+        """Ask for a reload; the future resolves with the outcome of a load that started after now."""
+        self._requested += 1
+        future: asyncio.Future[ReloadOutcome] = asyncio.get_running_loop().create_future()
+        self._waiters.append((self._requested, future))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._work(), name="reload")
+        return future
+
+    async def answer(self, command: str) -> dict[str, object]:
+        """The control socket's commands (`llm-router reload`)."""
+        if command != "reload":
+            return {"ok": False, "error": f"unknown command {command!r} (known: reload)"}
+        return (await self.request()).as_dict()
+
+    async def _work(self) -> None:
+        while self._waiters:
+            covered = self._requested  # every request so far came before this load starts
+            outcome = await reload(self.switcher, self.config_dir)
+            for number, future in self._waiters:
+                if number <= covered and not future.done():
+                    future.set_result(outcome)
+            self._waiters = [(n, f) for n, f in self._waiters if n > covered]
 
 
 def _keep_fixed(config: Config, old: Config) -> Config:

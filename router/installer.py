@@ -334,8 +334,8 @@ def render_router_unit(template: str, *, mode: str, venv: str, config_dir: str, 
         program = [exec_python[0], "-m", "router"] if exec_python else [f"{venv}/bin/llm-router"]
         if line.startswith("ExecStart="):
             line = "ExecStart=" + exec_start([*program, "serve", "--config-dir", config_dir])
-        elif line.startswith("ExecReload=") and " check " in line:
-            line = "ExecReload=" + exec_start([*program, "check", "--config-dir", config_dir])
+        elif line.startswith("ExecReload=") and " reload " in line:
+            line = "ExecReload=" + exec_start([*program, "reload", "--config-dir", config_dir]) + " --pid $MAINPID"
         elif line.startswith("Environment=LLM_ROUTER_CONFIG_DIR="):
             line = "Environment=" + unit_word(f"LLM_ROUTER_CONFIG_DIR={config_dir}")
         elif line.startswith("Description=") and description:
@@ -360,10 +360,6 @@ def render_router_unit(template: str, *, mode: str, venv: str, config_dir: str, 
             elif line.startswith("PrivateTmp=") and not private_tmp_ok:
                 out.append("# PrivateTmp= left out: this installation keeps files under /tmp")
                 continue
-        if line.startswith("ProtectKernelLogs=") and not os.path.exists("/dev/kmsg"):
-            # systemd fails the unit (226/NAMESPACE) when it cannot mask a missing /dev/kmsg
-            out.append("# ProtectKernelLogs= left out: this host has no /dev/kmsg")
-            continue
         if in_ns and strip_ns and line and not line.startswith("#"):
             line = "#" + line
         out.append(line)

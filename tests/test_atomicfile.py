@@ -139,3 +139,17 @@ def test_read_text_refuses_a_symlink(tmp_path: Path) -> None:
         read_text(link)
     with pytest.raises(FileNotFoundError):
         read_text(tmp_path / "missing.yml")
+
+
+def test_directories_it_creates_are_0755_whatever_the_umask(tmp_path: Path) -> None:
+    """The router runs with UMask=0077; the drop-in directories it creates in /etc/systemd/system must
+    still be readable by everyone (`systemctl cat` as a user), like the drop-ins themselves."""
+    old = os.umask(0o077)
+    try:
+        path = tmp_path / "llamacpp.service.d" / "sub" / "50-llm-router.conf"
+        write_atomic(path, "[Service]\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "llamacpp.service.d").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644

@@ -299,6 +299,31 @@ def test_router_unit_rendering() -> None:
     assert "\nPrivateTmp=" not in in_tmp and "\nProtectSystem=strict" in in_tmp
 
 
+def test_router_unit_reload_asks_the_daemon_itself() -> None:
+    """ExecReload= is `llm-router reload --pid $MAINPID`: the daemon validates, and systemctl reload gets
+    its verdict (one command; `$MAINPID` is the only `$` systemd must expand)."""
+    template = (REPO / "units" / "llm-router.service").read_text()
+    system = installer.render_router_unit(template, mode="system", venv="/opt/x y/venv", config_dir="/etc/llm-router",
+                                          rw_paths=[])
+    reloads = [ln for ln in system.splitlines() if ln.startswith("ExecReload=")]
+    assert reloads == ['ExecReload="/opt/x y/venv/bin/llm-router" reload --config-dir /etc/llm-router --pid $MAINPID']
+    demo = installer.render_router_unit(template, mode="user", venv="/v", config_dir="/d/c$x", rw_paths=[],
+                                        exec_python=["/v/bin/python"])
+    assert [ln for ln in demo.splitlines() if ln.startswith("ExecReload=")] == [
+        'ExecReload=/v/bin/python -m router reload --config-dir "/d/c$$x" --pid $MAINPID']
+
+
+def test_router_unit_keeps_protect_kernel_logs_without_dev_kmsg(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ProtectKernelLogs= works where /dev/kmsg is missing (a container; verified under PID-1 systemd, a user
+    manager and the test sandbox): it stays, and the unit keeps its security score."""
+    real_exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: False if str(p) == "/dev/kmsg" else real_exists(p))
+    template = (REPO / "units" / "llm-router.service").read_text()
+    for mode in ("system", "user"):
+        unit = installer.render_router_unit(template, mode=mode, venv="/v", config_dir="/c", rw_paths=[])
+        assert "\nProtectKernelLogs=yes\n" in unit, mode
+
+
 def security_score(unit: Path) -> float | None:
     try:
         p = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
@@ -444,11 +469,14 @@ def test_reload_with_a_bad_config_keeps_the_old_one(installed: UserInstall) -> N
     before = model_ids(installed.url)
     try:
         models.write_text(good + "\n  bad-model:\n    backend: no-such-backend\n    command: /bin/true\n")
-        # ExecReload= runs `llm-router check` first: the reload itself fails, and says why
+        # ExecReload= asks the daemon, which refuses: the reload itself fails, and says why
         r = installed.sbx.systemctl("reload", "llm-router.service", check=False)
         assert r.returncode != 0, r.stdout + r.stderr
         msgs = installed.sbx.journal_messages("--user-unit=llm-router.service")
         assert any("models.yml:" in m and "no-such-backend" in m for m in msgs), msgs[-10:]
+        # ... and the daemon itself says so where operators look
+        rejected = get_json(f"{installed.url}/status")["config"]["reload_error"]
+        assert rejected and any("no-such-backend" in p for p in rejected), rejected
         assert installed.main_pid() == pid
         assert installed.sbx.active_state("llm-router.service") == "active"
         assert model_ids(installed.url) == before
