@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
 import structlog
 import uvicorn
 
@@ -18,6 +17,7 @@ from router.app import create_app
 from router.config import Config, ConfigError, load_config
 from router.switcher import Switcher
 from router.systemd import Systemd, SystemdError, bus_address
+from router.upstream import Upstream
 
 log = structlog.get_logger("router.daemon")
 
@@ -38,13 +38,10 @@ def _stop(server: uvicorn.Server) -> None:
     server.should_exit = True
 
 
-def make_http() -> httpx.AsyncClient:
-    """One pooled client for all engines: warm keep-alive connections, no read timeout on streams."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=120),
-        trust_env=False,
-    )
+def make_http() -> Upstream:
+    """The daemon's one HTTP client, for all engines (relay and health checks): pooled keep-alive
+    connections, aiohttp's C parser; timeouts come from config.yml per request."""
+    return Upstream()
 
 
 async def serve(config_dir: Path) -> int:
@@ -56,14 +53,14 @@ async def serve(config_dir: Path) -> int:
         return 2
     http = make_http()
     switcher = Switcher(config, Systemd(bus_address(config.systemd.bus), lambda: set(
-        switcher.config.managed_units())), http)
+        switcher.config.managed_units())), http.probe)
     try:
         await switcher.start()
     except SystemdError as e:
         print(f"llm-router: cannot reach the systemd {config.systemd.bus} manager over D-Bus: {e}\n"
               f"Check systemd.bus in {config_dir}/config.yml (system needs root or polkit rights; user needs "
               "a running `systemd --user` and DBUS_SESSION_BUS_ADDRESS).", flush=True)
-        await http.aclose()
+        await http.close()
         return 3
     app = create_app(switcher, http)
     server = _Server(uvicorn.Config(
@@ -89,7 +86,7 @@ async def serve(config_dir: Path) -> int:
     if feeder is not None:
         feeder.cancel()
     await switcher.close()
-    await http.aclose()
+    await http.close()
     log.info("stopped")
     return 0 if server.started else 4
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import structlog
 
 from router import journal
@@ -29,6 +28,7 @@ from router.execstart import DROPIN_NAME, dropin_model_id, needs_dropin, render_
 from router.plan import Plan
 from router.scheduler import LoadFailure, Scheduler, Switch, Ticket
 from router.systemd import Systemd, SystemdError, UnitState
+from router.upstream import Probe
 
 log = structlog.get_logger("router.switcher")
 
@@ -83,9 +83,9 @@ class SwitchRun:
 class Switcher:
     """Owns the scheduler and the switch in flight; the only place where switching state changes."""
 
-    def __init__(self, config: Config, systemd: Systemd, http: httpx.AsyncClient) -> None:
+    def __init__(self, config: Config, systemd: Systemd, probe: Probe) -> None:
         self.systemd = systemd
-        self.http = http
+        self.probe = probe  # async (url, timeout) -> True if it answered 200
         self.scheduler = Scheduler(config, self)
         self.events = EventBus()  # typed events for metrics, /events and history (router/events.py)
         self.run_info: SwitchRun | None = None
@@ -368,12 +368,8 @@ class Switcher:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            try:
-                r = await self.http.get(url, timeout=min(2.0, max(remaining, 0.1)))
-                if r.status_code == 200:
-                    return None
-            except httpx.HTTPError:
-                pass  # not listening yet
+            if await self.probe(url, min(2.0, max(remaining, 0.1))):
+                return None
             state = await self.systemd.state(unit)
             if not state.is_running:
                 return await self._unit_failure(model, unit, f"exited while loading ({describe(state)})",
