@@ -60,6 +60,7 @@ class Engine(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.transport: asyncio.Transport | None = None
         self.count = 0
+        self.task: asyncio.Future[None] | None = None  # the answer being written
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport subclass
@@ -101,7 +102,7 @@ class Engine(asyncio.Protocol):
         self.buf = self.buf[end + 4 + length:]
         method, path = lines[0].split(" ")[:2]
         self.busy = True
-        asyncio.ensure_future(self._answer(method, path, headers, body))
+        self.task = asyncio.ensure_future(self._answer(method, path, headers, body))
 
     async def _answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
         assert self.transport is not None

@@ -94,8 +94,8 @@ async def run(url: str, concurrency: int, requests: int, stream: bool, tokens: i
         "latency_p50_ms": round(statistics.median(latencies) * 1000, 2) if latencies else None,
         "client_cpu_s": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 3)}
     if stream:
-        out.update(ttft_p50_ms=round(percentile(ttfts, 0.5) * 1000, 2), ttft_p99_ms=round(percentile(ttfts, 0.99) * 1000, 2),
-                   chunks_per_s=round(chunks / wall))
+        out.update(ttft_p50_ms=round(percentile(ttfts, 0.5) * 1000, 2),
+                   ttft_p99_ms=round(percentile(ttfts, 0.99) * 1000, 2), chunks_per_s=round(chunks / wall))
     return out
 
 

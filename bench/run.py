@@ -150,7 +150,7 @@ class Bench:
                          for name in ("a", "b")}}))
         (cfg / "models.yml").write_text(json.dumps({"models": {"bench": {"backend": "a"},
                                                                "bench-b": {"backend": "b"}}}))
-        self.router_log = open(self.root / "router.log", "wb")  # noqa: SIM115
+        self.router_log = open(self.root / "router.log", "wb")
         self.procs.append(subprocess.Popen(
             [str(SANDBOX), "exec", str(self.sbx), "--", PY, "-m", "router", "serve", "--config-dir", str(cfg)],
             cwd=REPO, stdout=self.router_log, stderr=subprocess.STDOUT))
