@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Literal
 
 import aiohttp
+from yarl import URL
 
 from router.config import Timeouts
 
@@ -100,6 +101,7 @@ class Upstream:
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}  # parsed once: a handful of engine endpoints, each used again and again
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -112,8 +114,13 @@ class Upstream:
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str], timeouts: Timeouts) -> UpstreamResponse:
         """Send one request; return once the engine's response headers are in."""
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) > 256:
+                self._urls.clear()
+            parsed = self._urls[url] = URL(url)
         try:
-            resp = await self.session.post(url, data=body, headers=headers,
+            resp = await self.session.post(parsed, data=body, headers=headers,
                                            timeout=_request_timeout(timeouts.connect, timeouts.first_byte))
         except aiohttp.ConnectionTimeoutError:
             raise UpstreamTimeout("connect", timeouts.connect) from None
