@@ -6,6 +6,9 @@ as its units, llm-router in front of them and bench/relay.py (the yardstick) in 
 then sends the same load straight to the engine ("direct"), through the minimal relay and through
 the router, scenario by scenario, and prints:
 
+Each scenario runs in 3 rounds with the targets taking turns (medians are printed), so that a busy
+machine weighs on all of them alike.
+
   A. engine at full speed (256 tokens): TTFT p50 and chunks/s with 1 and 32 streams, whole answers/s
      with 1 client, and the relay's CPU per 256-token stream;
   B. engine at 50 tokens/s per stream (64 tokens): TTFT p50/p99 and chunks/s at 32 and 256 streams;
@@ -52,9 +55,9 @@ class Scenario:
     stream: bool = True
 
 
-FULL = [Scenario("fast-1", 1, 300, 256), Scenario("fast-32", 32, 640, 256),
-        Scenario("whole-1", 1, 3000, 256, stream=False),
-        Scenario("paced-32", 32, 96, 64, 50.0), Scenario("paced-256", 256, 512, 64, 50.0)]
+FULL = [Scenario("fast-1", 1, 150, 256), Scenario("fast-32", 32, 320, 256),
+        Scenario("whole-1", 1, 1500, 256, stream=False),
+        Scenario("paced-32", 32, 64, 64, 50.0), Scenario("paced-256", 256, 512, 64, 50.0)]
 SMOKE = [Scenario("fast-1", 1, 10, 32), Scenario("fast-32", 8, 16, 32), Scenario("whole-1", 1, 20, 32, stream=False),
          Scenario("paced-32", 8, 8, 8, 200.0), Scenario("paced-256", 16, 16, 8, 200.0)]
 
@@ -124,9 +127,10 @@ def load(url: str, s: Scenario, model: str = "bench") -> dict[str, Any]:
 
 
 class Bench:
-    def __init__(self, root: Path, smoke: bool) -> None:
+    def __init__(self, root: Path, smoke: bool, router_src: Path = REPO) -> None:
         self.root = root
         self.smoke = smoke
+        self.router_src = router_src  # the checkout whose `router` package runs (another commit, to compare)
         self.sbx = root / "sbx"
         self.procs: list[subprocess.Popen[bytes]] = []
         self.ports = {name: free_port() for name in ("a", "b", "router", "relay")}
@@ -153,9 +157,11 @@ class Bench:
         self.router_log = open(self.root / "router.log", "wb")
         self.procs.append(subprocess.Popen(
             [str(SANDBOX), "exec", str(self.sbx), "--", PY, "-m", "router", "serve", "--config-dir", str(cfg)],
-            cwd=REPO, stdout=self.router_log, stderr=subprocess.STDOUT))
+            cwd=self.router_src, env={**os.environ, "PYTHONPATH": str(self.router_src)},
+            stdout=self.router_log, stderr=subprocess.STDOUT))
         wait_for(lambda: get(self.url("router") + "/health") == 200, 30, "the router's /health")
         self.router_pid = find_pid(str(cfg))
+        self.rss_start = rss_mib(self.router_pid)
         self.relay = subprocess.Popen([PY, str(HERE / "relay.py"), "--port", str(self.ports["relay"]),
                                        "--upstream", self.url("a")], stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL)
@@ -201,16 +207,28 @@ class Bench:
                 "added_ms": (router - engines["switch_median_s"]) * 1000}
 
     def relay_parts(self, scenarios: list[Scenario]) -> dict[str, dict[str, dict[str, Any]]]:
+        """Each scenario in `rounds` short rounds, the three targets taking turns within each, so that the
+        machine's ups and downs fall on all three alike; a target's figure is the median of its rounds."""
         results: dict[str, dict[str, dict[str, Any]]] = {}
         pids = {"relay": self.relay.pid, "router": self.router_pid}
+        rounds = 1 if self.smoke else 3
         for s in scenarios:
+            runs: dict[str, list[dict[str, Any]]] = {"direct": [], "relay": [], "router": []}
+            cpu = dict.fromkeys(runs, 0.0)
+            for _ in range(rounds):
+                for target in runs:
+                    url = self.url("a" if target == "direct" else target)
+                    cpu0 = cpu_seconds(pids[target]) if target in pids else 0.0
+                    runs[target].append(load(url, s))
+                    if target in pids:
+                        cpu[target] += cpu_seconds(pids[target]) - cpu0
             results[s.key] = {}
-            for target in ("direct", "relay", "router"):
-                url = self.url("a" if target == "direct" else target)
-                cpu0 = cpu_seconds(pids[target]) if target in pids else 0.0
-                r = load(url, s)
-                if target in pids:
-                    r["cpu_ms_per_req"] = (cpu_seconds(pids[target]) - cpu0) * 1000 / (s.requests + s.concurrency)
+            for target, rs in runs.items():
+                r = {key: statistics.median(x[key] for x in rs) for key in rs[0]
+                     if isinstance(rs[0][key], (int, float)) and not isinstance(rs[0][key], bool)}
+                r["errors"] = sum(x["errors"] for x in rs)
+                if target in pids:  # warm-up requests count: the router served them too
+                    r["cpu_ms_per_req"] = cpu[target] * 1000 / ((s.requests + s.concurrency) * rounds)
                 results[s.key][target] = r
                 print(f"  {s.key:9} {target:6} " + json.dumps({k: r.get(k) for k in (
                     "ttft_p50_ms", "ttft_p99_ms", "chunks_per_s", "req_per_s", "errors", "cpu_ms_per_req")}),
@@ -225,7 +243,7 @@ class Bench:
             load(self.url("router"), Scenario("mem", 8, step // 2, 16))
             load(self.url("router"), Scenario("mem", 8, step // 2, 16, stream=False))
             samples.append((done, rss_mib(self.router_pid)))
-        return {"samples": samples}
+        return {"start": self.rss_start, "samples": samples}
 
 
 def pct(part: float | None, whole: float | None) -> str:
@@ -284,12 +302,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny loads: checks that everything runs (CI)")
     ap.add_argument("--json", type=Path, help="also write every figure to this file")
+    ap.add_argument("--router-src", type=Path, default=REPO,
+                    help="run the router from this checkout (e.g. a `git worktree` of an older commit, to compare)")
     a = ap.parse_args()
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         print("bench: needs root (a private systemd user manager in a mount namespace)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="llm-router-bench-") as tmp:
-        bench = Bench(Path(tmp), a.smoke)
+        bench = Bench(Path(tmp), a.smoke, a.router_src.resolve())
         try:
             bench.start()
             print("bench: switch cost…", file=sys.stderr, flush=True)
@@ -305,8 +325,9 @@ def main() -> int:
           f"through the router {switch['router_s'] * 1000:.0f} ms: the router adds {switch['added_ms']:.0f} ms.")
     samples = mem["samples"]
     half = next((rss for n, rss in samples if n >= samples[-1][0] // 2), samples[-1][1])
-    print(f"Router RSS: {samples[0][1]:.1f} MiB idle, {half:.1f} MiB after {samples[-1][0] // 2:,} requests, "
-          f"{samples[-1][1]:.1f} MiB after {samples[-1][0]:,}.")
+    print(f"Router RSS: {mem['start']:.1f} MiB at start, {samples[0][1]:.1f} MiB after the relay scenarios; then "
+          f"{half:.1f} MiB after {samples[-1][0] // 2:,} more requests, {samples[-1][1]:.1f} MiB after "
+          f"{samples[-1][0]:,}.")
     print(f"Router CPU per request: {res['fast-1']['router']['cpu_ms_per_req']:.2f} ms per streamed answer "
           f"({res['fast-1']['router'].get('tokens')} tokens, 1 stream), "
           f"{res['fast-32']['router']['cpu_ms_per_req']:.2f} ms at 32 streams, "
