@@ -221,14 +221,16 @@ class Relay:
             call.ttft = time.monotonic() - call.started
             try:
                 body = await resp.read()
-            except UpstreamTimeout as e:
+            except UpstreamTimeout as e:  # the connection is closed already
                 self._finish(call, 504, "timeout")
                 return JSONResponse(timed_out(config, granted.model, granted.backend, e), status_code=504)
             except UpstreamError as e:
                 self._finish(call, 502, "upstream_error")
                 return JSONResponse(broken_off(granted.model, e), status_code=502)
-            finally:
-                resp.release()
+            except BaseException:  # the client left (cancelled): the engine must stop too
+                resp.close()
+                raise
+            resp.release()
             tail = body[-_USAGE_TAIL:]
             if (m := _PROMPT_TOKENS.search(tail)) is not None:
                 call.prompt_tokens = int(m.group(1))

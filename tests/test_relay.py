@@ -55,12 +55,14 @@ class Engine:
     bodies: list[bytes] = field(default_factory=list)
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # a connection was closed by the router
     server: asyncio.AbstractServer | None = None
+    connections: int = 0
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
             while True:
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
@@ -324,3 +326,15 @@ async def test_stats_off_passes_the_body_and_the_stream_through_untouched() -> N
 
 def test_timeouts_default_to_the_documented_values() -> None:
     assert replace(Timeouts()) == Timeouts(connect=5.0, first_byte=600.0, idle=120.0)
+
+
+async def test_the_idle_timer_does_not_outlive_a_finished_answer_on_a_pooled_connection() -> None:
+    """A whole answer that arrives with its headers must not leave the idle timer armed on the
+    connection it returns to the pool: it would break the next request sent on it."""
+    async with rig(Timeouts(connect=5, first_byte=60, idle=0.2)) as r, httpx.AsyncClient(timeout=10) as c:
+        for _ in range(3):
+            resp = await c.post(r.url + "/v1/chat/completions", json=body(False))
+            assert resp.status_code == 200, resp.text
+            await asyncio.sleep(0.4)
+        assert [e.outcome for e in r.switcher.ended()] == ["ok"] * 3
+        assert r.engine.connections == 1  # kept alive, not dropped as timed out
