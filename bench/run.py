@@ -4,10 +4,7 @@
 Starts a private systemd user manager (router/demo/systemd-sandbox.sh; needs root), two bench engines
 as its units, llm-router in front of them and bench/relay.py (the yardstick) in front of the first;
 then sends the same load straight to the engine ("direct"), through the minimal relay and through
-the router, scenario by scenario, and prints:
-
-Each scenario runs in 3 rounds with the targets taking turns (medians are printed), so that a busy
-machine weighs on all of them alike.
+the router, and prints:
 
   A. engine at full speed (256 tokens): TTFT p50 and chunks/s with 1 and 32 streams, whole answers/s
      with 1 client, and the relay's CPU per 256-token stream;
@@ -15,7 +12,10 @@ machine weighs on all of them alike.
   the switch cost (what the router adds to stop + start + the engine's start-up, median), the
   router's RSS over 10,000 requests, and its CPU per request.
 
-    sudo .venv/bin/python bench/run.py            # the full run (a few minutes)
+Each scenario runs in 3 rounds with the targets taking turns (medians are printed), so that a busy
+machine weighs on all of them alike.
+
+    sudo .venv/bin/python bench/run.py            # the full run (~10 minutes)
     sudo .venv/bin/python bench/run.py --smoke    # a few seconds per part: proves it works, no figures worth reading
 """
 
