@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import httpx
+import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -25,6 +25,7 @@ from router.proxy import Call, Relay, upstream_headers
 from router.requestbody import BadBody, ClientLeft, check_stream, parse_body, read_body
 from router.scheduler import PRIORITIES
 from router.switcher import Failed, Granted, Status, Switcher, failure_status
+from router.upstream import Upstream
 
 Handler = Callable[[Request], Awaitable[Response]]
 HEALTH_HEARTBEAT = 2.0  # seconds the run loop has to answer /health
@@ -56,10 +57,10 @@ def _bearer(header: str | None) -> bytes | None:
 class Api:
     """The request handlers; every state question goes to the switcher."""
 
-    def __init__(self, switcher: Switcher, http: httpx.AsyncClient) -> None:
+    def __init__(self, switcher: Switcher, upstream: Upstream) -> None:
         self.switcher = switcher
-        self.http = http
-        self.relay = Relay(switcher, http)
+        self.upstream = upstream
+        self.relay = Relay(switcher, upstream)
         self._keys_of: Config | None = None  # the config the digests below were made from
         self._client_digests: tuple[bytes, ...] = ()
         self._admin_digests: tuple[bytes, ...] = ()
@@ -151,18 +152,19 @@ class Api:
         stream = bool(body.get("stream")) and required != "input"
         options = body.get("stream_options")
         client_usage = stream and isinstance(options, dict) and bool(options.get("include_usage"))
-        changed = False
+        changed, splice = False, False
         if model.upstream_model:
             body["model"], changed = model.upstream_model, True
         if required == "messages" and (config.switch.status_channel == "content" or config.stats):
             changed = strip_history(body["messages"]) or changed
         if stream and config.stats and not client_usage and required == "messages":
+            splice = "stream_options" not in body  # nothing to merge with: the option goes in front of the bytes
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-            changed = True
+            changed = changed or not splice
         priority = PRIORITIES.get(request.headers.get("x-request-priority", "normal").strip().lower())
         if priority is None:
             return bad_request("X-Request-Priority must be high, normal or low.", "invalid_header")
-        upstream = json.dumps(body, ensure_ascii=False).encode() if changed else raw
+        upstream = _dumps(body) if changed else _with_usage_option(raw) if splice else raw
         call = Call(path=path, model_id=model_id, body=upstream,
                     headers=upstream_headers(request, drop_auth=bool(config.client_keys)),
                     stream=stream, client_usage=client_usage, ticket=self.switcher.submit(model_id, priority))
@@ -188,11 +190,7 @@ class Api:
         healthy: bool | None = None
         if active is not None and active in switcher.config.models:
             backend = switcher.config.backend_of(switcher.config.models[active])
-            try:
-                r = await self.http.get(backend.url + backend.health, timeout=1.0)
-                healthy = r.status_code == 200
-            except httpx.HTTPError:
-                healthy = False
+            healthy = await self.upstream.probe(backend.url + backend.health, 1.0)
         body: dict[str, Any] = {"status": "ok" if not problems else "unavailable", "active_model": active,
                                 "backend_healthy": healthy}
         if problems:
@@ -283,12 +281,26 @@ class Api:
         return JSONResponse({"unloaded": before})
 
 
+def _with_usage_option(raw: bytes) -> bytes:
+    """The client's own bytes (a JSON object with at least `model`, and no `stream_options`) with
+    `stream_options.include_usage` added at the front: no re-serialisation for the usual stream."""
+    start = raw.find(b"{")
+    return raw[:start] + b'{"stream_options":{"include_usage":true},' + raw[start + 1:]
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(obj)
+    except (TypeError, orjson.JSONEncodeError):  # an integer beyond 64 bits, say: the standard library can
+        return json.dumps(obj, ensure_ascii=False).encode()
+
+
 def _ndjson(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
 
 
-def create_app(switcher: Switcher, http: httpx.AsyncClient, observability: Observability | None = None) -> Starlette:
-    api = Api(switcher, http)
+def create_app(switcher: Switcher, upstream: Upstream, observability: Observability | None = None) -> Starlette:
+    api = Api(switcher, upstream)
     g = api.guarded
     routes = [
         Route("/health", api.health, methods=["GET"]),

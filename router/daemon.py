@@ -10,7 +10,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import httpx
 import structlog
 import uvicorn
 
@@ -18,10 +17,10 @@ from router import httpserver, notify, ports
 from router.app import create_app
 from router.config import Config, ConfigError, load_config
 from router.control import ControlServer
-from router.executor import HealthProbe
 from router.observability import Observability
 from router.switcher import Switcher
 from router.systemd import Systemd, SystemdError, bus_address
+from router.upstream import Upstream
 
 log = structlog.get_logger("router.daemon")
 
@@ -44,24 +43,10 @@ def _stop(server: uvicorn.Server, *then: Callable[[], None]) -> None:
         call()
 
 
-def make_probe(http: httpx.AsyncClient) -> HealthProbe:
-    """The switcher's health check: GET url, True on 200."""
-    async def probe(url: str, timeout: float) -> bool:
-        try:
-            return (await http.get(url, timeout=timeout)).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    return probe
-
-
-def make_http() -> httpx.AsyncClient:
-    """One pooled client for all engines: warm keep-alive connections, no read timeout on streams."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=120),
-        trust_env=False,
-    )
+def make_http() -> Upstream:
+    """The daemon's one HTTP client, for all engines (relay and health checks): pooled keep-alive
+    connections, aiohttp's C parser; timeouts come from config.yml per request."""
+    return Upstream()
 
 
 async def serve(config_dir: Path) -> int:
@@ -73,7 +58,7 @@ async def serve(config_dir: Path) -> int:
         return 2
     http = make_http()
     switcher = Switcher(config, Systemd(bus_address(config.systemd.bus), lambda: set(
-        switcher.config.managed_units())), make_probe(http), port_check=ports.url_in_use)
+        switcher.config.managed_units())), http.probe, port_check=ports.url_in_use)
     observability = await Observability.start(switcher)  # before the switcher starts: it sees the adoption
     switcher.expected_load = observability.expected_load_seconds
     try:
@@ -84,7 +69,7 @@ async def serve(config_dir: Path) -> int:
               f"Check systemd.bus in {config_dir}/config.yml (system needs root or polkit rights; user needs "
               "a running `systemd --user` and DBUS_SESSION_BUS_ADDRESS).", flush=True)
         await observability.close()
-        await http.aclose()
+        await http.close()
         return 3
     app = create_app(switcher, http, observability)
     server = _Server(uvicorn_config(app, config))
@@ -112,7 +97,7 @@ async def serve(config_dir: Path) -> int:
         feeder.cancel()
     await switcher.close()
     await observability.close()
-    await http.aclose()
+    await http.close()
     log.info("stopped")
     return 0 if server.started else 4
 

@@ -1,29 +1,32 @@
 """Relay: forwards one completion request to its engine and streams the answer back (the hot path).
 
-Bytes go through as the engine sends them (`aiter_raw`, no re-framing); a `StreamTap` looks only
-at the events that must change. While a request waits for a switch, the relay streams the status
-lines, keep-alive comments and, at the end, either the engine's answer or a readable error.
+Bytes go through as the engine sends them (whatever one socket read brought, no re-framing); a
+`StreamTap` looks only at the events that must change. While a request waits for a switch, the relay
+streams the status lines, keep-alive comments and, at the end, either the engine's answer or a
+readable error. One `ClientWatch` per request notices a client that hangs up, at any stage, and ends
+the request at once; the upstream timeouts (router/upstream.py) end one whose engine went silent.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import structlog
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from router.chunks import DONE, KEEPALIVE, ChunkWriter, error_body, failed_line, ready_line
 from router.config import Backend, Config, Model
+from router.events import RequestEnded
 from router.scheduler import Ticket
 from router.streamtap import StreamTap
 from router.switcher import Failed, Granted, Status, Switcher, Update, failure_status
+from router.upstream import Upstream, UpstreamError, UpstreamResponse, UpstreamTimeout
 
 log = structlog.get_logger("router.proxy")
 
@@ -32,6 +35,10 @@ _HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding
         "proxy-authorization", "proxy-connection", "trailer", "accept-encoding", "content-encoding"}
 RETRY_AFTER = 5  # seconds, with a 429 (queue full)
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_USAGE_TAIL = 4096  # a whole answer's usage sits at its end: only its last bytes are searched
+WATCH_AFTER = 0.05  # seconds into a request before its client is watched for hanging up (ClientWatch)
 
 
 @dataclass
@@ -48,7 +55,10 @@ class Call:
     started: float = field(default_factory=time.monotonic)
     waited: float = 0.0
     status: int = 200
-    summary: dict[str, Any] | None = None
+    outcome: str | None = None  # see RequestEnded.outcome; None: decided from the status at the end
+    ttft: float | None = None  # request -> first byte of the engine's answer
+    prompt_tokens: int | None = None
+    summary: dict[str, Any] | None = None  # tokens, seconds, tok_per_s from the stream tap
     finished: bool = False
 
     @property
@@ -57,76 +67,141 @@ class Call:
         return self.path == "/v1/chat/completions"
 
 
-class RelayResponse(StreamingResponse):
-    """A streamed response that ends its call (ticket released, one log line) once it is over, whatever
-    way: also when the client is gone before the first byte, when a generator that never started would
-    have no `finally` to run and the model would stay held."""
+class ClientWatch:
+    """Cancels the task serving a request once its client hangs up, until `stop()`.
 
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
+    Until a response starts nothing else tells a handler that its client left; once it streams,
+    uvicorn drops what is sent to a gone client without a word. Either way an abandoned request must
+    neither keep its model busy nor let the engine compute for nobody. The watching task starts only
+    once the request has lasted `WATCH_AFTER` seconds: most answers are over before that, and a task
+    per request would cost more than the rest of the router's per-request work (a timer costs ~1 µs).
+    """
+
+    __slots__ = ("_armed", "_receive", "_task", "_timer", "_watcher", "gone")
+
+    def __init__(self, receive: Callable[[], Awaitable[Mapping[str, Any]]], after: float | None = None) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._receive = receive
+        self._armed = True
+        self.gone = False
+        self._watcher: asyncio.Future[None] | None = None
+        self._timer = task.get_loop().call_later(WATCH_AFTER if after is None else after, self._start)
+
+    def _start(self) -> None:
+        if self._armed:
+            self._watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        if self._armed:
+            self.gone = True
+            self._task.cancel()
+
+    def stop(self) -> None:
+        if self._armed:
+            self._armed = False
+            self._timer.cancel()
+            if self._watcher is not None:
+                self._watcher.cancel()
+
+    def absorb(self) -> bool:
+        """After a CancelledError: True if this watch caused it (it is then handled), else re-raise it."""
+        if not self.gone:
+            return False
+        uncancel = getattr(self._task, "uncancel", None)  # Python >= 3.11
+        if uncancel is not None:
+            uncancel()
+        return True
+
+
+class RelayResponse(Response):
+    """A streamed response that ends its call once it is over, whatever way: finished, broken, or its
+    client gone (`on_close(client_gone)`). No task group: the request's `ClientWatch` does that job."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[bool], None], watch: ClientWatch,
+                 status_code: int = 200, headers: Mapping[str, str] | None = None,
+                 media_type: str | None = None) -> None:
+        self.body_iterator = content
         self.on_close = on_close
+        self.watch = watch
+        self.status_code = status_code
+        self.media_type = media_type
+        self.background = None
+        self.init_headers(headers)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        watch, gone = self.watch, False
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for piece in self.body_iterator:
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            watch.stop()  # the last send completes the response, which uvicorn reports as a disconnect
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not watch.absorb():
+                raise
+            gone = True
         finally:
+            watch.stop()
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
-            self.on_close()
+            self.on_close(gone)
 
 
 def upstream_headers(request: Request, drop_auth: bool) -> dict[str, str]:
     headers = {k: v for k, v in request.headers.items() if k not in _HOP}
     if drop_auth:
         headers.pop("authorization", None)
-    headers["accept-encoding"] = "identity"  # raw bytes from aiter_raw() are then the text itself
+    headers["accept-encoding"] = "identity"  # the bytes relayed are then the text itself
+    headers.setdefault("content-type", "application/json")
     return headers
 
 
-def response_headers(resp: httpx.Response) -> dict[str, str]:
-    return {k: v for k, v in resp.headers.items() if k not in _HOP}
+def response_headers(resp: UpstreamResponse) -> dict[str, str]:
+    return {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
 
 
 class Relay:
-    def __init__(self, switcher: Switcher, http: httpx.AsyncClient) -> None:
+    def __init__(self, switcher: Switcher, upstream: Upstream) -> None:
         self.switcher = switcher
-        self.http = http
+        self.upstream = upstream
 
     async def handle(self, request: Request, call: Call) -> Response:
-        first = await self.switcher.next_update(call.ticket)
-        if call.stream and not isinstance(first, Granted):
-            return RelayResponse(self._wait_and_stream(call, first), lambda: self._finish(call),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
-        # Until a response starts, nothing tells a handler that its client left: watch for it, so that
-        # an abandoned request neither keeps its model busy nor lets the engine compute for nobody.
-        gone = asyncio.ensure_future(_disconnected(request))
-        work = asyncio.ensure_future(self._respond(call, first))
+        watch = ClientWatch(request.receive)
         try:
-            await asyncio.wait({gone, work}, return_when=asyncio.FIRST_COMPLETED)
-            if work.done():
-                return work.result()
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await work
-            self._finish(call, status=499)
-            return Response(status_code=499)
-        finally:
-            gone.cancel()
-            work.cancel()
+            response = await self._respond(call, watch)
+        except asyncio.CancelledError:
+            if not watch.absorb():
+                watch.stop()
+                raise
+            self._finish(call, 499, "client_gone")
+            response = Response(status_code=499)
+        except BaseException:
+            watch.stop()
+            raise
+        if not isinstance(response, RelayResponse):
+            watch.stop()
+        return response
 
-    async def _respond(self, call: Call, update: Update | None) -> Response:
-        """Wait silently for the model (non-streaming), then open the engine's response."""
-        while not isinstance(update, (Granted, Failed)):
+    async def _respond(self, call: Call, watch: ClientWatch) -> Response:
+        update = await self.switcher.next_update(call.ticket)
+        if call.stream and not isinstance(update, Granted):
+            return RelayResponse(self._wait_and_stream(call, update), lambda gone: self._closed(call, gone), watch,
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        while not isinstance(update, (Granted, Failed)):  # not streamed: wait silently for the model
             update = await self.switcher.next_update(call.ticket)
         if isinstance(update, Failed):
             return self._failed(call, update)
         call.waited = time.monotonic() - call.started
-        return await self._direct(call, update)
+        return await self._direct(call, update, watch)
 
     def _failed(self, call: Call, failed: Failed) -> Response:
         status = failure_status(failed.error)
-        self._finish(call, status=status)
+        self._finish(call, status, "load_failed" if status == 503 else "rejected")
         kind = "invalid_request_error" if status in (404, 429) else "server_error"
         headers = {"retry-after": str(RETRY_AFTER)} if status == 429 else None
         return JSONResponse(error_body(failed.message, failed.error.code, kind, "model"), status_code=status,
@@ -134,31 +209,62 @@ class Relay:
 
     # --- the model is loaded: straight through ------------------------------------------------
 
-    async def _open(self, call: Call, backend: Backend) -> httpx.Response:
-        req = self.http.build_request("POST", backend.url + call.path, content=call.body, headers=call.headers)
-        return await self.http.send(req, stream=True)
+    async def _open(self, call: Call, backend: Backend) -> UpstreamResponse:
+        return await self.upstream.post(backend.url + call.path, call.body, call.headers,
+                                        self.switcher.config.timeouts)
 
-    async def _direct(self, call: Call, granted: Granted) -> Response:
+    async def _direct(self, call: Call, granted: Granted, watch: ClientWatch) -> Response:
+        config = self.switcher.config
         try:
             resp = await self._open(call, granted.backend)
-        except httpx.HTTPError as e:
-            self._finish(call, status=502)
-            return JSONResponse(unreachable(self.switcher.config, granted.model, granted.backend, e), status_code=502)
-        call.status = resp.status_code
+        except UpstreamTimeout as e:
+            self._finish(call, 504, "timeout")
+            return JSONResponse(timed_out(config, granted.model, granted.backend, e), status_code=504)
+        except UpstreamError as e:
+            self._finish(call, 502, "upstream_error")
+            return JSONResponse(unreachable(config, granted.model, granted.backend, e), status_code=502)
+        call.status = resp.status
+        if not call.stream or resp.status != 200:  # a whole answer (or an error): read it, send it in one piece
+            call.ttft = time.monotonic() - call.started
+            try:
+                body = await resp.read()
+            except UpstreamTimeout as e:  # the connection is closed already
+                self._finish(call, 504, "timeout")
+                return JSONResponse(timed_out(config, granted.model, granted.backend, e), status_code=504)
+            except UpstreamError as e:
+                self._finish(call, 502, "upstream_error")
+                return JSONResponse(broken_off(granted.model, e), status_code=502)
+            except BaseException:  # the client left (cancelled): the engine must stop too
+                resp.close()
+                raise
+            resp.release()
+            tail = body[-_USAGE_TAIL:]
+            if (m := _PROMPT_TOKENS.search(tail)) is not None:
+                call.prompt_tokens = int(m.group(1))
+            if (m := _COMPLETION_TOKENS.search(tail)) is not None:
+                call.summary = {"tokens": int(m.group(1))}
+            self._finish(call)
+            return Response(body, status_code=resp.status, headers=response_headers(resp))
         tap = None
-        if call.stream and resp.status_code == 200 and self.switcher.config.stats and call.chat:
+        if config.stats and call.chat:
             writer = ChunkWriter(call.model_id, role_sent=True)
             tap = StreamTap(writer, stats=True, client_usage=call.client_usage, rewrite_id=False)
-        return RelayResponse(self._pipe(call, resp, tap), lambda: self._finish(call), status_code=resp.status_code,
-                             headers={**response_headers(resp), **(SSE_HEADERS if call.stream else {})})
+        return RelayResponse(self._pipe(call, resp, tap, granted), lambda gone: self._closed(call, gone), watch,
+                             status_code=resp.status, headers={**response_headers(resp), **SSE_HEADERS})
 
-    async def _pipe(self, call: Call, resp: httpx.Response, tap: StreamTap | None) -> AsyncIterator[bytes]:
+    async def _pipe(self, call: Call, resp: UpstreamResponse, tap: StreamTap | None,
+                    granted: Granted) -> AsyncGenerator[bytes, None]:
+        complete = False
         try:
             if tap is None:
-                async for piece in resp.aiter_raw():
+                async for piece in resp:
+                    if call.ttft is None:
+                        call.ttft = time.monotonic() - call.started
                     yield piece
             else:
-                async for piece in resp.aiter_raw():
+                async for piece in resp:
+                    if call.ttft is None:
+                        call.ttft = time.monotonic() - call.started
                     out = tap.feed(piece)
                     if out:
                         yield out
@@ -166,15 +272,26 @@ class Relay:
                 if rest:
                     yield rest
                 call.summary = tap.summary
-        except httpx.HTTPError as e:  # the engine went away mid-answer
-            log.warning("upstream_broken", model=call.model_id, error=str(e))
-            if call.stream:
-                writer = tap.writer if tap is not None else ChunkWriter(call.model_id)
-                yield writer.error(f"{call.model_id}: the backend broke off the answer ({e}).",
-                                   "backend_stream_broken")
-                yield DONE
-        finally:
-            await resp.aclose()  # the call itself is ended by RelayResponse, after this
+                call.prompt_tokens = tap.prompt_tokens
+            complete = True
+        except UpstreamError as e:  # the engine went away or fell silent mid-answer: end the stream readably
+            writer = tap.writer if tap is not None else ChunkWriter(call.model_id, completions=not call.chat)
+            if isinstance(e, UpstreamTimeout):
+                call.status, call.outcome = 504, "timeout"
+                body = timed_out(self.switcher.config, granted.model, granted.backend, e)["error"]
+                log.warning("upstream_timeout", model=call.model_id, timeout=e.kind, seconds=e.seconds)
+                yield writer.error(body["message"], body["code"])
+            else:
+                call.status, call.outcome = 502, "upstream_error"
+                log.warning("upstream_broken", model=call.model_id, error=str(e))
+                body = broken_off(granted.model, e)["error"]
+                yield writer.error(body["message"], body["code"])
+            yield DONE
+        finally:  # the call itself is ended by RelayResponse, after this
+            if complete:
+                resp.release()  # read to its end: the connection goes back to the pool
+            else:
+                resp.close()  # client gone or engine broken: drop it, the engine stops computing
 
     # --- the model must be loaded first -------------------------------------------------------
 
@@ -190,7 +307,7 @@ class Relay:
                 if chunk:
                     yield chunk
             elif isinstance(update, Failed):
-                call.status = failure_status(update.error)
+                call.status, call.outcome = failure_status(update.error), "load_failed"
                 yield writer.status(failed_line(update.display, update.error.what.rstrip(".")), done=True)
                 yield writer.error(update.message, update.error.code)
                 yield DONE
@@ -204,46 +321,69 @@ class Relay:
         assert isinstance(update, Granted)
         try:
             resp = await self._open(call, update.backend)
-        except httpx.HTTPError as e:
-            call.status = 502
+        except UpstreamTimeout as e:
+            call.status, call.outcome = 504, "timeout"
+            body = timed_out(config, update.model, update.backend, e)["error"]
+            yield writer.error(body["message"], body["code"])
+            yield DONE
+            return
+        except UpstreamError as e:
+            call.status, call.outcome = 502, "upstream_error"
             body = unreachable(config, update.model, update.backend, e)["error"]
             yield writer.error(body["message"], body["code"])
             yield DONE
             return
-        if resp.status_code != 200:
-            call.status = resp.status_code
-            text = (await resp.aread()).decode("utf-8", "replace")[:2000]
-            await resp.aclose()
-            yield writer.error(f"{call.model_id}: the backend answered HTTP {resp.status_code}: {text}",
+        if resp.status != 200:
+            call.status = resp.status
+            try:
+                text = (await resp.read()).decode("utf-8", "replace")[:2000]
+            except UpstreamError as e:
+                text = f"(its body broke off: {e})"
+            finally:
+                resp.release()
+            yield writer.error(f"{call.model_id}: the backend answered HTTP {resp.status}: {text}",
                                "backend_error")
             yield DONE
             return
         tap = StreamTap(writer, stats=config.stats and call.chat, client_usage=call.client_usage, rewrite_id=True,
                         drop_role=writer.role_sent)
         writer.role_sent = True
-        async with contextlib.aclosing(self._pipe(call, resp, tap)) as pipe:
+        pipe = self._pipe(call, resp, tap, update)
+        try:
             async for piece in pipe:
                 yield piece
+        finally:
+            await pipe.aclose()
 
-    def _finish(self, call: Call, status: int | None = None) -> None:
-        """The call is over: release its ticket and log one line (once, whichever path gets here first)."""
+    def _closed(self, call: Call, client_gone: bool) -> None:
+        if client_gone:
+            self._finish(call, 499, "client_gone")
+        else:
+            self._finish(call)
+
+    def _finish(self, call: Call, status: int | None = None, outcome: str | None = None) -> None:
+        """The call is over: release its ticket, tell observers, log one line (once, whichever path is first)."""
         if call.finished:
             return
         call.finished = True
         if status is not None:
             call.status = status
+        if outcome is not None:
+            call.outcome = outcome
+        elif call.outcome is None:
+            call.outcome = "upstream_error" if call.status >= 500 else "ok"
+        now = time.monotonic()
         if not call.ticket.granted:  # it waited all its life for a model that never came
-            call.waited = time.monotonic() - call.started
+            call.waited = now - call.started
         self.switcher.done(call.ticket)
+        summary = call.summary or {}
+        duration = now - call.started
+        self.switcher.events.emit(RequestEnded(
+            model=call.model_id, endpoint=call.path, status=call.status, outcome=call.outcome, stream=call.stream,
+            duration=duration, waited=call.waited, ttft=call.ttft, prompt_tokens=call.prompt_tokens,
+            completion_tokens=summary.get("tokens"), tok_per_s=summary.get("tok_per_s")))
         log.info("request", path=call.path, model=call.model_id, stream=call.stream, status=call.status,
-                 waited=round(call.waited, 3), duration=round(time.monotonic() - call.started, 3),
-                 **(call.summary or {}))
-
-
-async def _disconnected(request: Request) -> None:
-    """Return once the client has hung up (the request body has been read already)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+                 waited=round(call.waited, 3), duration=round(duration, 3), **summary)
 
 
 def unreachable(config: Config, model: Model, backend: Backend, error: Exception) -> dict[str, Any]:
@@ -251,3 +391,16 @@ def unreachable(config: Config, model: Model, backend: Backend, error: Exception
         f"{model.id}: the backend at {backend.url} (unit {backend.unit}) did not answer: {error}. "
         f"Check `{config.systemctl('status', backend.unit)}` and `{config.journalctl(backend.unit)}`.",
         "backend_unreachable", "server_error")
+
+
+def timed_out(config: Config, model: Model, backend: Backend, error: UpstreamTimeout) -> dict[str, Any]:
+    return error_body(
+        f"{model.id}: the backend at {backend.url} (unit {backend.unit}) {error}; the router dropped the "
+        f"connection and the model is free again. If the engine is just slow, raise timeouts.{error.kind}; "
+        f"otherwise check `{config.journalctl(backend.unit)}`.",
+        "backend_timeout", "server_error")
+
+
+def broken_off(model: Model, error: Exception) -> dict[str, Any]:
+    return error_body(f"{model.id}: the backend broke off the answer ({error}).", "backend_stream_broken",
+                      "server_error")

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from router.chunks import ChunkWriter, stats_line
 
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
@@ -69,6 +71,12 @@ class StreamTap:
             return head  # the hot path: nothing in these events needs the router
         return self._slow(head)
 
+    @property
+    def prompt_tokens(self) -> int | None:
+        """The prompt's tokens, from the engine's usage (None until a usage chunk went by)."""
+        value = self._usage.get("prompt_tokens") if self._usage is not None else None
+        return value if isinstance(value, int) else None
+
     def finish(self) -> bytes:
         """The engine closed the stream: whatever is left, as it came."""
         rest, self._pending = self._pending, b""
@@ -89,7 +97,7 @@ class StreamTap:
         for event in head.split(b"\n\n")[:-1]:
             if self.drop_role and _ROLE in event and event.startswith(b"data: {"):
                 try:
-                    obj = json.loads(event[6:])
+                    obj = orjson.loads(event[6:])
                     for choice in obj.get("choices") or []:
                         if isinstance(choice.get("delta"), dict) and choice["delta"].pop("role", None):
                             self.drop_role = False
@@ -119,7 +127,7 @@ class StreamTap:
     def _take_usage(self, event: bytes) -> bool:
         """Read usage (and llama.cpp timings) from an event; True if it is a usage-only chunk."""
         try:
-            obj = json.loads(event[event.index(b"{"):])
+            obj = orjson.loads(event[event.index(b"{"):])
         except ValueError:
             return False
         if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):

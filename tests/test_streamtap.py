@@ -143,3 +143,11 @@ def test_usage_riding_on_a_content_chunk_is_not_reported_again():
     evs = [e for e in events(run(tap, [ROLE, *TOKENS, finish_with_usage, DONE])) if isinstance(e, dict)]
     assert sum(1 for e in evs if e.get("usage")) == 1
     assert "(5 tokens in" in evs[-1]["choices"][0]["delta"]["content"] and "usage" not in evs[-1]
+
+
+def test_prompt_tokens_come_from_the_engines_usage_once_it_went_by():
+    tap = StreamTap(ChunkWriter("m"), stats=True, client_usage=False, rewrite_id=False, clock=Clock())
+    run(tap, [ROLE, *TOKENS, FINISH])
+    assert tap.prompt_tokens is None
+    run(tap, [USAGE, DONE])
+    assert tap.prompt_tokens == 3 and tap.summary is not None and tap.summary["tokens"] == 5
