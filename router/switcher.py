@@ -96,6 +96,7 @@ class Switcher:
         self._loop_task: asyncio.Task[None] | None = None
         self._switch_task: asyncio.Task[Any] | None = None
         self._closing = False
+        self._dispatching = False  # a handler runs inline (_dispatch): a nested event is queued instead
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._seen: tuple[Any, ...] = (None, None, 0)
@@ -192,6 +193,22 @@ class Switcher:
     def _post(self, handler: Callable[..., None], *args: Any) -> None:
         self._events.put_nowait((handler, args))
 
+    def _dispatch(self, handler: Callable[..., None], *args: Any) -> None:
+        """Handle a request's event at once when nothing is queued before it (the hot path: a request
+        for the loaded model costs no trip through the run loop), else queue it in order. Handlers never
+        await, so running one here is the same as the run loop picking it up next."""
+        if self._dispatching or not self._events.empty() or not self.alive:
+            self._post(handler, *args)
+            return
+        self._dispatching = True
+        try:
+            handler(*args)
+            self._observe()
+        except Exception as e:
+            self._handler_failed(handler, args, e)
+        finally:
+            self._dispatching = False
+
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
@@ -203,7 +220,7 @@ class Switcher:
     def submit(self, model: str | None, priority: int = 1) -> Ticket:
         ticket = Ticket(model, priority)
         self._inbox[ticket.id] = asyncio.Queue()
-        self._post(self.scheduler.on_request, ticket)
+        self._dispatch(self.scheduler.on_request, ticket)
         return ticket
 
     async def next_update(self, ticket: Ticket, timeout: float | None = None) -> Update | None:
@@ -220,7 +237,7 @@ class Switcher:
         """The request ended, whatever way: its response finished, failed, or its client went away."""
         if self._inbox.pop(ticket.id, None) is None:
             return
-        self._post(self.scheduler.on_done, ticket)
+        self._dispatch(self.scheduler.on_done, ticket)
 
     def reload(self, config: Config) -> None:
         """Apply a new configuration; units it no longer manages are stopped if they run a router model."""
