@@ -234,6 +234,7 @@ class Client:
     ticket: Ticket
     config_models: frozenset[str]  # the models configured when it arrived
     active_at_arrival: str | None = None
+    ended_at: float | None = None
     task: asyncio.Task[None] | None = None
     release: asyncio.Event = field(default_factory=asyncio.Event)
     outcome: Any = None
@@ -276,6 +277,7 @@ class SwitcherMachine(RuleBasedStateMachine):
         self.clients: list[Client] = []
         self.wrong_model: list[str] = []
         self.definition_changed_at: dict[str, float] = {}
+        self.disturbed_at = -1.0  # the last fault, unit change, load-time change or reload
         self.loop.run_until_complete(self.sw.start())
         self.loop.settle()
 
@@ -348,6 +350,7 @@ class SwitcherMachine(RuleBasedStateMachine):
                     await asyncio.wait_for(c.release.wait(), c.hold)
         finally:
             c.done_called += 1
+            c.ended_at = self.now()
             sw.done(c.ticket)
 
     def _check_engine(self, c: Client, granted: Granted) -> None:
@@ -417,11 +420,13 @@ class SwitcherMachine(RuleBasedStateMachine):
           behaviour=st.sampled_from(["fail", "hang", "raise"]))
     def fault(self, op: str, behaviour: str) -> None:
         """The next call of `op` fails, hangs (until its timeout) or raises."""
+        self.disturbed_at = self.now()
         self.fake.script(op, behaviour)
         self.settle()
 
     @rule(behaviour=st.sampled_from(["hang", "raise"]), times=st.integers(1, 5))
     def probe_fault(self, behaviour: str, times: int) -> None:
+        self.disturbed_at = self.now()
         for _ in range(times):
             self.probe.script(behaviour)
         self.settle()
@@ -429,12 +434,14 @@ class SwitcherMachine(RuleBasedStateMachine):
     @rule(model=st.sampled_from(ALL_MODELS), delay=st.sampled_from([0.0, 0.3, 2.0, 45.0, float("inf")]))
     def load_time(self, model: str, delay: float) -> None:
         """How long the model's engine takes to become healthy from its next start (inf: never)."""
+        self.disturbed_at = self.now()
         self.delays[model] = delay
         self.settle()
 
     @rule(unit=st.sampled_from(ALL_UNITS), how=st.sampled_from(["crash", "stop", "start"]))
     def unit_change(self, unit: str, how: str) -> None:
         """A unit crashes, or is stopped or started with systemctl behind the router's back."""
+        self.disturbed_at = self.now()
         if how == "crash":
             self.fake.crash(unit)
         elif how == "stop":
@@ -446,6 +453,7 @@ class SwitcherMachine(RuleBasedStateMachine):
     @rule(models=st.sets(st.sampled_from(ALL_MODELS), min_size=1), bump=st.sets(st.sampled_from(ALL_MODELS)),
           move_two=st.booleans(), drop_two=st.booleans())
     def reload(self, models: set[str], bump: set[str], move_two: bool, drop_two: bool) -> None:
+        self.disturbed_at = self.now()
         if NO_REMOVALS:
             models, drop_two = set(ALL_MODELS), False
         versions = dict(self.variant.versions)
@@ -537,6 +545,35 @@ class SwitcherMachine(RuleBasedStateMachine):
             self.check("max_wait", not jumped,
                        f"client {c.n} ({c.model}) waits since {c.submitted:.2f}; client {jumped[0].n if jumped else 0}"
                        f" ({jumped[0].model if jumped else ''}) arrived after max_wait and was served first")
+
+    @invariant()
+    def waiter_gets_its_switch_in_time(self) -> None:
+        """In a calm stretch (no fault, unit change or reload since it arrived), the oldest waiting request
+        of the highest priority gets its switch within max_wait + the longest response in flight then
+        + linger (the switch starts as soon as the responses already streaming end)."""
+        waiting = [c for c in self.clients if c.outcome is None and not c.finished and c.model is not None]
+        if not waiting:
+            return
+        top = max(c.priority for c in waiting)
+        c = min((c for c in waiting if c.priority == top), key=lambda c: c.submitted)
+        if self.disturbed_at >= c.submitted or c.model not in self.config.models:
+            return
+        if any(w.model != c.model and w.submitted < c.submitted for w in waiting):
+            return
+        forced = c.submitted + SETTINGS.max_wait
+        streaming_ends = [
+            (o.ended_at if o.ended_at is not None else (o.outcome_at or 0) + o.hold)
+            for o in self.clients
+            if isinstance(o.outcome, Granted) and (o.outcome_at or 0) <= forced
+            and (o.ended_at is None or o.ended_at > forced)]
+        deadline = max([forced, *streaming_ends]) + SETTINGS.linger + 1.0
+        if self.now() <= deadline:
+            return
+        started = any(t >= c.submitted and target == c.model for t, target in self.h.switch_starts)
+        self.check("max_wait", started,
+                   f"client {c.n} ({c.model}) waits since {c.submitted:.1f}, no switch for it by {deadline:.1f} "
+                   f"(now {self.now():.1f}; max_wait {SETTINGS.max_wait:g}s, responses streaming then end by "
+                   f"{max(streaming_ends, default=forced):.1f})")
 
     @invariant()
     def failed_model_fails_at_once_during_cooldown(self) -> None:
