@@ -82,7 +82,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     def _due(self) -> bool:
         scheduled = self._scheduled  # type: ignore[attr-defined]
-        return bool(scheduled) and scheduled[0].when() <= self.time() + self._clock_resolution
+        return bool(scheduled) and scheduled[0].when() <= self.time() + self._clock_resolution  # type: ignore[attr-defined]
 
 
 # --- fake systemd -----------------------------------------------------------------------------------

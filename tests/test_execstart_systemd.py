@@ -66,7 +66,7 @@ def systemd_clean(text: str) -> bool:
 
 
 char = st.one_of(st.sampled_from(AWKWARD),
-                 st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r\0" + NONCHARACTERS))
+                 st.characters(exclude_categories=["Cs"], exclude_characters="\n\r\0" + NONCHARACTERS))
 word = st.one_of(st.sampled_from(SPECIAL_WORDS), st.text(char, max_size=12))
 # systemd refuses a program path with a control character, a quote or a backslash ("Executable name
 # contains special characters", systemd's string_is_safe()) and drops the whole ExecStart= line.
@@ -74,8 +74,8 @@ SYSTEMD_REFUSES_IN_PROGRAM = "\"'\\" + "".join(map(chr, range(1, 32))) + "\x7f"
 # The program: a symlink to python with an awkward name (config.py refuses '$' and a leading prefix
 # character; '/' is the directory separator).
 program_name = st.text(st.one_of(st.sampled_from([c for c in AWKWARD if c not in "$/" + SYSTEMD_REFUSES_IN_PROGRAM]),
-                                 st.characters(blacklist_categories=("Cs",),
-                                               blacklist_characters="\n\r\0/$" + SYSTEMD_REFUSES_IN_PROGRAM
+                                 st.characters(exclude_categories=["Cs"],
+                                               exclude_characters="\n\r\0/$" + SYSTEMD_REFUSES_IN_PROGRAM
                                                + NONCHARACTERS)),
                        min_size=1, max_size=10).filter(
     lambda s: s not in (".", "..") and len(s.encode()) < 200 and s[0] not in "-@:+!")

@@ -26,7 +26,7 @@ import tempfile
 import time
 import types
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,7 +176,7 @@ def make_switcher(config: Config, systemd: FakeSystemd, probe: FakeProbe, loop: 
 
 
 @contextlib.contextmanager
-def capture_logs_with_tracebacks() -> Iterator[list[dict[str, Any]]]:
+def capture_logs_with_tracebacks() -> Iterator[list[MutableMapping[str, Any]]]:
     """structlog.testing.capture_logs, with each exception's traceback as text in entry["exception"]."""
     old = structlog.get_config()
     cap = structlog.testing.LogCapture()
