@@ -22,6 +22,11 @@ from typing import Any, Literal
 from router.execstart import DROPIN_NAME, dropin_model_id
 from router.systemd import SystemdError, UnitState
 
+try:  # coming with D-Bus reconnection (issue 8); a SystemdError either way
+    from router.systemd import SystemdUnreachable  # type: ignore[attr-defined]
+except ImportError:
+    SystemdUnreachable = SystemdError
+
 Behaviour = Literal["ok", "fail", "hang", "raise"]
 OPS = ("start", "stop", "state", "states", "reload", "exec_start", "reset_failed", "watch")
 DBUS_TIMEOUT = 25.0  # a D-Bus call that gets no reply fails after this long (GDBus' default)
@@ -181,6 +186,7 @@ class FakeSystemd:
         self.connected = False
         self.opened = 0
         self.closed = 0
+        self.reconnects = 0
         self._pids = iter(range(1000, 10**9))
 
     # --- test controls ------------------------------------------------------------------------
@@ -225,6 +231,19 @@ class FakeSystemd:
             self._launch(u)
             u.by_router = False
 
+    def bus_down(self) -> None:
+        """The D-Bus connection is lost: every call fails at once and no state change is reported."""
+        self.connected = False
+
+    def bus_up(self) -> None:
+        """The bus is back: the connection is re-made and the router is told (on_reconnect)."""
+        if self.connected:
+            return
+        self.connected = True
+        self.reconnects += 1
+        if self.on_reconnect is not None:
+            asyncio.get_event_loop().call_soon(self.on_reconnect)
+
     def engine_at(self, url: str) -> list[Engine]:
         return [e for e in self.engines.values() if e.url == url]
 
@@ -237,7 +256,7 @@ class FakeSystemd:
         u.active_state, u.sub_state = active, sub
         if result is not None:
             u.result, u.exit_status = result, status
-        if self.on_unit_change is not None:
+        if self.on_unit_change is not None and self.connected:  # signals are lost while the bus is down
             asyncio.get_event_loop().call_soon(self.on_unit_change, u.name)
 
     def _launch(self, u: FakeUnit) -> None:
@@ -256,6 +275,9 @@ class FakeSystemd:
         call = Call(op, unit, behaviour, asyncio.get_running_loop().time())
         self.calls.append(call)
         await asyncio.sleep(0)  # every call yields: a cancellation may land here
+        if not self.connected:
+            call.outcome = "unreachable"
+            raise SystemdUnreachable(f"{op}: The connection is closed (fake: the bus is down)")
         return behaviour, call
 
     async def _plain(self, op: str, unit: str | None) -> Call:
@@ -283,7 +305,7 @@ class FakeSystemd:
     async def open(self) -> None:
         await asyncio.sleep(0)
         self.opened += 1
-        self.connected = True
+        self.connected = True  # a test that wants the bus down at start calls bus_down() after open
 
     async def close(self) -> None:
         self.closed += 1

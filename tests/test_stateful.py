@@ -61,6 +61,9 @@ PENDING: dict[str, str] = {
                             "(also those waiting on a switch in flight, which is aborted)",
     "failure_cooldown": "a model whose load failed fails at once for failure_cooldown",
     "liveness": "the run loop survives every handler error and observes the end of every switch",
+    "dbus_reconnect": "while systemd is unreachable a switch fails at once saying 'systemd is not reachable over "
+                      "D-Bus'; after the reconnection the router re-reads the units' states",
+    "heartbeat": "Switcher.alive / heartbeat(timeout): the watchdog is fed only while the run loop answers",
     "wrong_model": "a unit the router believes stopped (a state change it missed) is running the old command: "
                    "StartUnit is then a no-op and the old engine answers; check the unit (or its port) first",
 }
@@ -235,6 +238,7 @@ class Client:
     config_models: frozenset[str]  # the models configured when it arrived
     active_at_arrival: str | None = None
     ended_at: float | None = None
+    removed_while_waiting: bool = False  # a reload removed its model before it got an answer
     task: asyncio.Task[None] | None = None
     release: asyncio.Event = field(default_factory=asyncio.Event)
     outcome: Any = None
@@ -255,7 +259,7 @@ FIRST: dict[str, str] = {}  # the first message of each pending violation
 
 
 class SwitcherMachine(RuleBasedStateMachine):
-    strict = False  # the replays below enforce every check
+    enforce: str | None = None  # a pending check the replays below enforce
 
     def __init__(self) -> None:
         super().__init__()
@@ -278,6 +282,7 @@ class SwitcherMachine(RuleBasedStateMachine):
         self.wrong_model: list[str] = []
         self.definition_changed_at: dict[str, float] = {}
         self.disturbed_at = -1.0  # the last fault, unit change, load-time change or reload
+        self.outages: list[tuple[int, float]] = []  # D-Bus down: from the n-th client on, until
         self.loop.run_until_complete(self.sw.start())
         self.loop.settle()
 
@@ -309,7 +314,7 @@ class SwitcherMachine(RuleBasedStateMachine):
         """Enforce a check, or, when its feature is pending, count and print its violation."""
         if ok:
             return
-        if feature is None or STRICT or self.strict or feature not in PENDING or feature in ENFORCE:
+        if feature is None or STRICT or feature not in PENDING or feature in ENFORCE or feature == self.enforce:
             raise AssertionError(f"[{feature or 'core'}] {message}")
         FOUND[feature] += 1
         FIRST.setdefault(feature, message)
@@ -463,6 +468,9 @@ class SwitcherMachine(RuleBasedStateMachine):
                                drop_two and "c" not in models)
         old = self.config
         self.config = make_config(self.tmp, self.variant)
+        for c in self.clients:
+            if c.outcome is None and not c.finished and c.model is not None and c.model not in self.config.models:
+                c.removed_while_waiting = True
         for m in ALL_MODELS:
             before, after = old.models.get(m), self.config.models.get(m)
             if before != after or (before is not None and after is not None
@@ -480,6 +488,15 @@ class SwitcherMachine(RuleBasedStateMachine):
         """Run a few loop iterations only: events land in the middle of a switch."""
         for _ in range(n):
             self.loop.step()
+
+    @rule(seconds=st.sampled_from([0.5, 5.0, 40.0]))
+    def bus_outage(self, seconds: float) -> None:
+        """The D-Bus connection to systemd is lost for a while (signals too), then comes back."""
+        self.disturbed_at = self.now()
+        self.fake.bus_down()
+        self.outages.append((len(self.clients), self.now() + seconds))
+        self.loop.call_later(seconds, self.fake.bus_up)
+        self.settle()
 
     @rule()
     def quiesce(self) -> None:
@@ -576,6 +593,33 @@ class SwitcherMachine(RuleBasedStateMachine):
                    f"{max(streaming_ends, default=forced):.1f})")
 
     @invariant()
+    def heartbeat_answers(self) -> None:
+        """The run loop answers a heartbeat (what feeds the watchdog) whenever it is alive."""
+        beat = getattr(self.sw, "heartbeat", None)
+        if beat is None:
+            self.check("heartbeat", False, "the switcher has no heartbeat(timeout)")
+            return
+        self.check("heartbeat", bool(self.loop.run_until_complete(beat(1.0))) == self.h.alive(),
+                   "heartbeat() and alive disagree")
+
+    @invariant()
+    def unreachable_systemd_fails_switches_at_once(self) -> None:
+        """A request needing a switch while the bus is down fails within a second, saying why."""
+        for c in self.clients:
+            down = [(n, b) for n, b in self.outages if n <= c.n and c.submitted < b]
+            if not down or c.model is None or c.active_at_arrival == c.model:
+                continue
+            if c.outcome is None and self.now() < min(down[0][1], c.submitted + 1.0):
+                continue  # still inside its second
+            quick = isinstance(c.outcome, Failed) and (c.outcome_at or 0) - c.submitted <= 1.0
+            said = quick and "not reachable over D-Bus" in c.outcome.message
+            self.check("dbus_reconnect", said or (c.outcome_at or self.now()) >= down[0][1],
+                       f"client {c.n} ({c.model}) arrived while D-Bus was down and got "
+                       f"{type(c.outcome).__name__ if c.outcome else 'nothing'} after "
+                       f"{(c.outcome_at or self.now()) - c.submitted:.2f}s"
+                       + (f": {c.outcome.message[:120]}" if isinstance(c.outcome, Failed) else ""))
+
+    @invariant()
     def failed_model_fails_at_once_during_cooldown(self) -> None:
         """After a load of X failed, a request for X within failure_cooldown fails at once, saying when the
         next try is, unless a reload changed X's definition."""
@@ -616,6 +660,7 @@ class SwitcherMachine(RuleBasedStateMachine):
         """No more faults, every response ends: then nothing may wait, hold or run that should not."""
         self.fake.clear_script()
         self.probe.scripted.clear()
+        self.fake.bus_up()
         for c in self.clients:
             c.release.set()
         budget = 4 * (SETTINGS.load_timeout + SETTINGS.stop_timeout + DBUS_TIMEOUT + SETTINGS.max_wait
@@ -635,6 +680,11 @@ class SwitcherMachine(RuleBasedStateMachine):
         self.check("liveness", not s.queue and s.switch is None and not s.serving,
                    f"quiescent but queue={[t.model for t in s.queue]} switch={s.switch} serving={dict(s.serving)}")
         assert not self.fake.mutating, f"systemd operations still in flight: {self.fake.mutating}"
+        for c in self.clients:
+            if c.removed_while_waiting and not c.left:
+                code = c.outcome.error.code if isinstance(c.outcome, Failed) else type(c.outcome).__name__
+                self.check("reload_fails_removed", code == "model_not_found",
+                           f"client {c.n} waited for {c.model}, which a reload removed, and ended with {code}")
         managed = set(self.config.managed_units())
         for name, unit in self.fake.units.items():
             if (name in managed or unit.running_model is None or not unit.by_router
@@ -689,22 +739,19 @@ def _summary() -> Iterator[None]:
 # --- the minimal failures found on main before issue 8's rewrite, replayed step by step ----------------
 
 
-class StrictMachine(SwitcherMachine):
-    strict = True
+INVARIANTS = ("run_loop_alive", "no_internal_error", "every_ticket_ends_at_most_once", "one_switch_at_a_time",
+              "serving_counts_the_grants_held", "right_model", "loaded_model_does_not_starve_a_waiter",
+              "waiter_gets_its_switch_in_time", "heartbeat_answers", "unreachable_systemd_fails_switches_at_once",
+              "failed_model_fails_at_once_during_cooldown", "unconfigured_models_fail")
 
 
-def replay(steps: Callable[[SwitcherMachine], None]) -> None:
-    """Run the steps, the invariants after each rule call, then quiescence and teardown."""
-    m = StrictMachine()
+def replay(feature: str, steps: Callable[[SwitcherMachine], None]) -> None:
+    """Run the steps, every invariant, then quiescence, enforcing the core checks and `feature`'s."""
+    m = type("Replay", (SwitcherMachine,), {"enforce": feature})()
     try:
         steps(m)
-        for name in dir(m):
-            fn = getattr(type(m), name, None)
-            if getattr(fn, "hypothesis_stateful_invariant", None) is not None or name in (
-                    "run_loop_alive", "no_internal_error", "every_ticket_ends_at_most_once", "one_switch_at_a_time",
-                    "serving_counts_the_grants_held", "right_model", "loaded_model_does_not_starve_a_waiter",
-                    "failed_model_fails_at_once_during_cooldown", "unconfigured_models_fail"):
-                getattr(m, name)()
+        for name in INVARIANTS:
+            getattr(m, name)()
         m._quiesce()
     finally:
         with contextlib.suppress(Exception):
@@ -719,7 +766,7 @@ def test_request_for_a_model_a_reload_removed_fails_and_the_loop_lives() -> None
         m.reload(models={"a"}, bump=set(), move_two=False, drop_two=False)
         m.arrive(model="b", priority=0, hold=0.0, stream=False)
         m.arrive(model="a", priority=0, hold=0.0, stream=False)  # must still be served
-    replay(steps)
+    replay("liveness", steps)
 
 
 @pytest.mark.xfail(strict=True, reason="reload_fails_removed (issue 8): the switch for a removed model "
@@ -729,7 +776,7 @@ def test_reload_that_removes_the_model_being_loaded() -> None:
         m.load_time(model="b", delay=0.3)
         m.arrive(model="b", priority=0, hold=0.0, stream=False)
         m.reload(models={"a"}, bump=set(), move_two=False, drop_two=False)
-    replay(steps)
+    replay("reload_fails_removed", steps)
 
 
 @pytest.mark.xfail(strict=True, reason="wrong_model (issue 8, ports): a missed state change leaves two.service "
@@ -739,7 +786,7 @@ def test_a_missed_state_change_never_serves_the_wrong_model() -> None:
         m.fault(op="state", behaviour="fail")  # the state read after the change notification fails
         m.unit_change(unit="two.service", how="start")  # someone runs `systemctl start two.service`
         m.arrive(model="c", priority=0, hold=0.0, stream=False)
-    replay(steps)
+    replay("wrong_model", steps)
 
 
 @pytest.mark.xfail(strict=True, reason="reload_stops_unmanaged (issue 8): a reload that drops model d "
@@ -748,7 +795,7 @@ def test_reload_stops_the_unit_of_a_removed_model() -> None:
     def steps(m: SwitcherMachine) -> None:
         m.arrive(model="d", priority=0, hold=0.0, stream=False)
         m.reload(models={"a"}, bump=set(), move_two=False, drop_two=False)
-    replay(steps)
+    replay("reload_stops_unmanaged", steps)
 
 
 @pytest.mark.xfail(strict=True, reason="failure_cooldown (issue 8): a model whose start just failed is tried "
@@ -759,7 +806,7 @@ def test_a_failed_model_fails_at_once_during_its_cooldown() -> None:
         m.arrive(model="a", priority=0, hold=0.0, stream=False)
         m.advance(seconds=1.0)
         m.arrive(model="a", priority=0, hold=0.0, stream=False)
-    replay(steps)
+    replay("failure_cooldown", steps)
 
 
 @pytest.mark.xfail(strict=True, reason="max_wait (issue 8): new requests for the loaded model keep being "
@@ -772,4 +819,17 @@ def test_a_busy_model_does_not_starve_a_waiting_one() -> None:
         for _ in range(8):
             m.advance(seconds=10.0)
             m.loaded_model_does_not_starve_a_waiter()
-    replay(steps)
+    replay("max_wait", steps)
+
+
+@pytest.mark.xfail(strict=True, reason="dbus_reconnect (issue 8): while the bus is down a switch fails with "
+                   "'systemd did not do what was asked: reload: The connection is closed', not 'not reachable'")
+def test_a_switch_fails_at_once_while_systemd_is_unreachable() -> None:
+    def steps(m: SwitcherMachine) -> None:
+        m.bus_outage(seconds=5.0)
+        m.arrive(model="a", priority=0, hold=0.0, stream=False)
+        m.advance(seconds=1.0)
+        m.unreachable_systemd_fails_switches_at_once()
+        m.advance(seconds=5.0)
+        m.arrive(model="a", priority=0, hold=0.0, stream=False)  # after the reconnection it loads
+    replay("dbus_reconnect", steps)
