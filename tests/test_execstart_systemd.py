@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
-from sandbox import Sandbox
+from sandbox import Sandbox, print_figures
 
 from router.atomicfile import write_atomic
 from router.config import Model
@@ -94,7 +94,7 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def rig(sandbox: Sandbox) -> Iterator[Rig]:
+def rig(sandbox: Sandbox, request: pytest.FixtureRequest) -> Iterator[Rig]:
     """One oneshot unit whose ExecStart the router's drop-in replaces, and a D-Bus connection to its manager."""
     import pydbus
 
@@ -110,8 +110,8 @@ def rig(sandbox: Sandbox) -> Iterator[Rig]:
     try:
         yield Rig(sandbox, unit, workdir, dump, bus, bus.get(SD)[MANAGER_IF])
     finally:
-        print(f"\nExecStart property test: {len(RUNS)} argv/environment examples run through systemd "
-              f"(max_examples {EXAMPLES})")
+        print_figures(request.config, "ExecStart property test",
+                      [f"{len(RUNS)} argv/environment examples run through systemd (max_examples {EXAMPLES})"])
         bus.con.close_sync(None)
         sandbox.stop_units([unit])
         sandbox.remove_unit(unit)

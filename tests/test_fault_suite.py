@@ -41,6 +41,7 @@ from sandbox import (
     Sandbox,
     Units,
     chat_body,
+    print_figures,
     running_sandbox,
     sandbox_unavailable,
     stream_request,
@@ -89,13 +90,10 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _print_figures() -> Iterator[None]:
+def _print_figures(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    print("\n===== fault suite figures =====")
-    for k, v in FIGURES.items():
-        print(f"  {k}: {v}")
-    for v in VIOLATIONS:
-        print(f"  {v}")
+    print_figures(request.config, "fault suite figures",
+                  [f"{k}: {v}" for k, v in FIGURES.items()] + VIOLATIONS)
 
 
 # --- helpers --------------------------------------------------------------------------------------

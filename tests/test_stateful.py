@@ -37,6 +37,7 @@ from fakes import DBUS_TIMEOUT, FakeProbe, FakeSystemd, ProbeAsHttp, VirtualTime
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from sandbox import print_figures
 
 from router import switcher as switcher_module
 from router.config import Backend, Config, Model, SwitchSettings, SystemdSettings
@@ -728,12 +729,13 @@ TestSwitcherStateful = SwitcherMachine.TestCase
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _summary() -> Iterator[None]:
+def _summary(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    print(f"\nstateful switcher test: {len(EXAMPLES_RUN)} examples (max_examples {EXAMPLES}, "
-          f"up to {STEPS} steps each): " + ", ".join(f"{k} {v}" for k, v in STATS.items()))
-    for feature, n in sorted(FOUND.items()):
-        print(f"  pending check {feature!r} ({PENDING[feature]}): {n} violations; first: {FIRST[feature]}")
+    lines = [f"{len(EXAMPLES_RUN)} examples (max_examples {EXAMPLES}, up to {STEPS} steps each): "
+             + ", ".join(f"{k} {v}" for k, v in STATS.items())]
+    lines += [f"pending check {feature!r} ({PENDING[feature]}): {n} violations; first: {FIRST[feature]}"
+              for feature, n in sorted(FOUND.items())]
+    print_figures(request.config, "stateful switcher test", lines)
 
 
 # --- the minimal failures found on main before issue 8's rewrite, replayed step by step ----------------
