@@ -249,9 +249,6 @@ class FakeSystemd:
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _now(self) -> float:
-        return asyncio.get_running_loop().time() if _loop_running() else 0.0
-
     def _set(self, u: FakeUnit, active: str, sub: str, result: str | None = None, status: int = 0) -> None:
         u.active_state, u.sub_state = active, sub
         if result is not None:
@@ -406,14 +403,6 @@ class FakeSystemd:
             return "done"
         finally:
             self.mutating.pop(key, None)
-
-
-def _loop_running() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
 
 
 # --- fake health probe ------------------------------------------------------------------------------
