@@ -9,7 +9,7 @@ start-up failures, crashes mid-stream, slow token rates and engines that report 
 Usage: fake_backend.py --port 8085 [--host 127.0.0.1] [--model-id X | --config tabby.yml]
        [--load-delay S] [--never-healthy] [--exit-code N] [--exit-after S]
        [--crash-mid-stream K] [--tokens N] [--token-rate R] [--record FILE] [--no-usage]
-       [--note WORD]...
+       [--note WORD]... [--flaky FILE]
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--token-rate", type=float, default=0.0, help="tokens/s (0 = as fast as possible)")
     ap.add_argument("--record", default=None, help="append each request as one JSON line to FILE")
     ap.add_argument("--no-usage", action="store_true", help="never report usage")
+    ap.add_argument("--flaky", default=None, metavar="FILE",
+                    help="fail every other start: exit 1 when FILE is absent (creating it), else remove it and run")
     ap.add_argument("--note", action="append", default=[],
                     help="ignored; logged at start (tests put awkward argv words here)")
     return ap.parse_args(argv)
@@ -367,6 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     log(f"loading weights for {model_id}")
     for note in args.note:
         log(f"note: {note!r}")
+    if args.flaky:
+        if not os.path.exists(args.flaky):
+            with open(args.flaky, "w", encoding="utf-8"):
+                pass
+            err(f"flaky start of {model_id}: failing this time (--flaky)")
+            return 1
+        os.unlink(args.flaky)
     if args.exit_code is not None and args.exit_after is None:
         err(f"cannot load weights for {model_id}")
         err(f"fatal: giving up (exit code {args.exit_code})")

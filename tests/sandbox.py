@@ -693,3 +693,17 @@ def one_backend(units: Units, router: Callable[..., RouterHandle], models: Itera
         margs = list(args) + list(extra.pop("args", []))
         entries[mid] = {"backend": "fake", "command": u.command(mid, *margs), **extra}
     return router({"fake": u.backend()}, entries, start=start, **config), u
+
+
+# --- figures printed by the fault suite and the property tests (also under pytest's capture) ---------
+
+
+def print_figures(config: Any, title: str, lines: Iterable[str]) -> None:
+    """Print a block of figures to the terminal, also when pytest captures output (CI logs show them)."""
+    text = "\n".join(["", f"===== {title} =====", *(f"  {line}" for line in lines)])
+    capman = config.pluginmanager.getplugin("capturemanager") if config is not None else None
+    if capman is None:
+        print(text)
+        return
+    with capman.global_and_fixture_disabled():
+        print(text, flush=True)
