@@ -102,6 +102,8 @@ class PlanExecutor:
         try:
             return await self._steps(plan, config, run)
         except SystemdError as e:
+            if not getattr(self.systemd, "connected", True) and not isinstance(e, SystemdUnreachable):
+                e = SystemdUnreachable(f"{e} (the bus connection is gone)")  # whatever failed, the bus is down
             return systemd_failure(config, plan.target or "", plan.start, e)
 
     async def abandon(self, plan: Plan, config: Config, run: SwitchRun) -> LoadFailure:
@@ -123,7 +125,7 @@ class PlanExecutor:
             if state.is_running or result not in ("done", "canceled"):
                 return LoadFailure(target, unit, f"did not stop (job {result}, state {state.active_state}).",
                                    f"Check `{config.journalctl(unit)}`; the unit may need a shorter "
-                                   "TimeoutStopSec.", cooldown=False)
+                                   "TimeoutStopSec.", code="unit_stop_failed", cooldown=False)
         if plan.target is None:
             return None
         model = config.models[plan.target]
@@ -133,6 +135,14 @@ class PlanExecutor:
             error = await self._rewrite(plan, config, model, run)
             if error is not None:
                 return error
+            state = await self.systemd.state(unit)
+            if state.is_running:  # started behind the router's back (a state change it missed): StartUnit
+                self.progress.phase(run, "stopping", unit=unit, reason="running_unexpectedly")  # would be a no-op
+                result = await self.systemd.stop(unit, config.switch.stop_timeout + 5)
+                if (await self.systemd.state(unit)).is_running or result not in ("done", "canceled"):
+                    return LoadFailure(model.id, unit, f"was already running and did not stop (job {result}).",
+                                       f"Check `{config.journalctl(unit)}`.", code="unit_stop_failed",
+                                       cooldown=False)
             error = await self._port_in_use(model, backend, unit)
             if error is not None:
                 return error
@@ -280,7 +290,7 @@ def systemd_failure(config: Config, target: str, unit: str | None, error: System
     else:
         hint = (f"Check that the unit exists for the router's user: `{config.systemctl('status', unit or '')}` "
                 "(a user unit under ~/.config/systemd/user).")
-    return LoadFailure(target, unit, f"systemd did not do what was asked: {error}.", hint, cooldown=False)
+    return LoadFailure(target, unit, f"systemd did not do what was asked: {error}.", hint)
 
 
 async def journal_tail(state: UnitState) -> list[str]:

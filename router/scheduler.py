@@ -26,7 +26,7 @@ import itertools
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from router.config import Config, Model
@@ -109,6 +109,11 @@ class Effects(Protocol):
         ...
 
 
+def unreachable_error(model: str, why: str) -> LoadFailure:
+    return LoadFailure(model, None, f"cannot be loaded now: {why}.", "The router reconnects on its own; ask again in "
+                       "a moment.", code="systemd_unreachable", cooldown=False)
+
+
 def removed_error(model: str) -> LoadFailure:
     return LoadFailure(model, None, "was removed from models.yml by a configuration reload.",
                        "Pick another model (GET /v1/models).", code="model_not_found", cooldown=False)
@@ -130,6 +135,7 @@ class Scheduler:
         self.idle_since: float | None = None  # when the active model's last response ended
         self.cooldowns: dict[str, Cooldown] = {}
         self.orphans: set[str] = set()  # units a reload dropped that still run a model the router loaded
+        self.unreachable: str | None = None  # why systemd cannot be reached over D-Bus (None: it can)
 
     # --- events -------------------------------------------------------------------------------
 
@@ -155,8 +161,8 @@ class Scheduler:
         if model is not None and model not in self.config.models:
             self._fail(ticket, removed_error(model))
             return
-        if model is not None and (cooled := self._cooling(model, now)) is not None:
-            self._fail(ticket, cooled)
+        if model is not None and self.unreachable is None and (cooled := self._cooling(model, now)) is not None:
+            self._fail(ticket, cooled)  # (with systemd unreachable, that is the news: said below)
             return
         if self._queued() >= self.config.switch.max_queue and not (
                 model is not None and model == self.active and self.switch is None and not self._starving(now)):
@@ -167,6 +173,11 @@ class Scheduler:
             return
         if model is not None and model == self.active and self.switch is None and not self._starving(now):
             self._grant(ticket)
+        elif self.unreachable is not None:
+            error = unreachable_error(model or "", self.unreachable)  # no switch can run now
+            if model is not None and (cooled := self._cooling(model, now)) is not None:
+                error = replace(error, note=f"(its last load failed too: {cooled.what} {cooled.note})")
+            self._fail(ticket, error)
         elif (self.switch is not None and self.switch.target == model and model is not None
               and not self.switch.aborting):
             self.switch.waiters.append(ticket)
@@ -198,6 +209,23 @@ class Scheduler:
         ticket.ended = True
         self._next()
 
+    def on_bus(self, unreachable: str | None) -> None:
+        """systemd became unreachable over D-Bus (with why), or reachable again (None)."""
+        self.unreachable = unreachable
+        if unreachable is not None:  # nothing can be switched until it is back: say so at once
+            for ticket in [t for t in self.queue if t.model != self.active or t.model is None]:
+                self.queue.remove(ticket)
+                self._fail(ticket, unreachable_error(ticket.model or "", unreachable))
+            switch = self.switch
+            if switch is not None:
+                for ticket in list(switch.waiters):  # its next D-Bus call fails anyway; a unit it left
+                    switch.waiters.remove(ticket)  # running is adopted after the reconnection
+                    self._fail(ticket, unreachable_error(ticket.model or "", unreachable))
+                if not switch.aborting:
+                    switch.aborting = True
+                    self.effects.abort_switch()
+        self._next()
+
     def on_tick(self) -> None:
         """A timer the scheduler asked for (wake_at) went off: linger ended, or a wait hit max_wait."""
         self._next()
@@ -208,7 +236,8 @@ class Scheduler:
             return  # a stale report (cannot happen with one owner, but must never corrupt state)
         self.switch = None
         self.running = set(running)
-        self.orphans -= set(switch.plan.stop)  # stopped, or failed to stop: either way not tried again
+        if error is None or error.code != "systemd_unreachable":
+            self.orphans -= set(switch.plan.stop)  # stopped, or failed to stop: not tried again (logged)
         target = switch.target
         if target is not None and target not in self.config.models:
             error = removed_error(target)  # a reload removed it while it loaded
@@ -365,7 +394,7 @@ class Scheduler:
                     self._grant(ticket)
             if self.serving:
                 return  # never switch away while a response is still streaming
-            if self.orphans:
+            if self.orphans and self.unreachable is None:
                 self._start(Plan(target=None, stop=tuple(sorted(self.orphans))), [])
                 return
             if not self.queue:

@@ -220,8 +220,24 @@ class Switcher:
     def submit(self, model: str | None, priority: int = 1) -> Ticket:
         ticket = Ticket(model, priority)
         self._inbox[ticket.id] = asyncio.Queue()
-        self._dispatch(self.scheduler.on_request, ticket)
+        self._dispatch(self._on_request, ticket)
         return ticket
+
+    def _on_request(self, ticket: Ticket) -> None:
+        self._check_bus()
+        self.scheduler.on_request(ticket)
+
+    def _check_bus(self) -> None:
+        """Tell the scheduler when systemd's reachability changed (read from the connection, in the loop)."""
+        connected = getattr(self.systemd, "connected", True)
+        if connected == (self.scheduler.unreachable is None):
+            return
+        why = None
+        if not connected:
+            why = str(getattr(self.systemd, "last_error", None) or "the connection is closed")
+            if not why.startswith("systemd is not reachable"):
+                why = f"systemd is not reachable over D-Bus: {why}"
+        self.scheduler.on_bus(why)
 
     async def next_update(self, ticket: Ticket, timeout: float | None = None) -> Update | None:
         """The next thing that happened to this ticket, or None after `timeout` seconds."""
@@ -382,6 +398,7 @@ class Switcher:
             self.events.emit(ModelState(switch.target, "failed", switch.plan.start, error.message(display)))
         if self.run_info is run:
             self.run_info = None
+        self._post(self._check_bus)  # a switch that failed for an unreachable bus: the queue learns it first
         self._post(self.scheduler.on_switch_done, switch.id, error, running)
 
     # --- Progress: called by the executor ----------------------------------------------------
@@ -440,6 +457,7 @@ class Switcher:
 
     def _on_reconnect(self) -> None:
         """D-Bus is back: re-read what runs, and adopt a model a broken-off load left running."""
+        self._post(self._check_bus)
         self._spawn(self._resync(), "resync")
 
     async def _resync(self) -> None:

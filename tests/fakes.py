@@ -245,7 +245,8 @@ class FakeSystemd:
             asyncio.get_event_loop().call_soon(self.on_reconnect)
 
     def engine_at(self, url: str) -> list[Engine]:
-        return [e for e in self.engines.values() if e.url == url]
+        """The engine that answers at url: the first one that bound its port (a later one fails to bind)."""
+        return [e for e in self.engines.values() if e.url == url][:1]
 
     # --- internals ----------------------------------------------------------------------------
 
