@@ -323,6 +323,12 @@ def _describe(node: Node) -> str:
     return f"{kind} {shown!r}" if kind else f"{shown!r}"
 
 
+def _noncharacter(c: str) -> bool:
+    """A Unicode noncharacter (systemd refuses them in unit files)."""
+    o = ord(c)
+    return 0xFDD0 <= o <= 0xFDEF or (o & 0xFFFE) == 0xFFFE
+
+
 def _control_free(text: str) -> bool:
     return not any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
 
@@ -934,8 +940,18 @@ def _command(chk: _Checker, item: _Item | None, path: str) -> tuple[str, ...] | 
             chk.problem(arg_node, f"{path}: argument {i} ({arg!r}) contains a line break or NUL, which a "
                                   "systemd ExecStart= line cannot carry; remove it")
             ok = False
+        elif any(_noncharacter(c) for c in arg):
+            chk.problem(arg_node, f"{path}: argument {i} ({arg!r}) contains a Unicode noncharacter "
+                                  "(U+FDD0..U+FDEF or U+xFFFE/U+xFFFF); systemd drops the whole ExecStart= "
+                                  "line for it: remove it")
+            ok = False
     program, program_node = args[0]
-    if program == "":
+    if not _control_free(program) or any(c in program for c in "\"'\\"):
+        chk.problem(program_node, f"{path}: the program {program!r} contains a control character, a quote or "
+                                  "a backslash, which systemd does not accept in an executable path; rename "
+                                  "it or run it through a symlink")
+        ok = False
+    elif program == "":
         chk.problem(program_node, f"{path}: the program (first argument) is empty")
         ok = False
     elif program[0] in EXEC_PREFIX_CHARS:
