@@ -194,3 +194,50 @@ async def test_a_unit_that_dies_once_its_health_check_passed_is_not_ready(tmp_pa
         assert isinstance(failed, Failed) and "(unit a.service)" in failed.message
     finally:
         await sw.close()
+
+
+# --- errors that say what happened (issue 8, finding 11) ---------------------------------------------
+
+
+def test_a_dbus_refusal_on_the_user_bus_does_not_suggest_root(tmp_path: Path):
+    from dataclasses import replace
+
+    from router.config import SystemdSettings
+    from router.executor import systemd_failure
+    from router.systemd import SystemdError, SystemdUnreachable
+
+    user = replace(make_config(tmp_path), systemd=SystemdSettings(bus="user", dropin_dir=tmp_path))
+    error = systemd_failure(user, "a", "a.service", SystemdError("StartUnit a.service: Unit a.service not found"))
+    assert "root" not in error.message() and "systemctl --user status a.service" in error.message()
+    assert "StartUnit a.service" in error.message() and "<lambda>" not in error.message()
+    gone = systemd_failure(user, "a", "a.service", SystemdUnreachable("The connection is closed"))
+    assert gone.code == "systemd_unreachable" and "not reachable over D-Bus" in gone.message()
+
+
+def test_a_huge_argv_is_cut_in_messages():
+    from router.executor import QUOTE_LIMIT, quote_argv
+
+    text = quote_argv(["/bin/engine", "x" * 2_000_000])
+    assert len(text) < QUOTE_LIMIT + 40 and "characters)" in text
+
+
+async def test_a_unit_stopped_behind_the_routers_back_while_loading_says_so(tmp_path: Path):
+    systemd = FakeSystemd()
+    polls = 0
+
+    async def slow_then_stopped(url: str, timeout: float) -> bool:
+        nonlocal polls
+        polls += 1
+        if polls == 2:
+            systemd.active.discard("a.service")  # `systemctl stop a.service` by an operator (result: success)
+        return False
+
+    sw = Switcher(make_config(tmp_path), systemd, slow_then_stopped)
+    await sw.start()
+    try:
+        failed = await answer(sw, "a")
+        assert isinstance(failed, Failed) and failed.error.code == "model_load_interrupted"
+        assert "stopped while it loaded, not by the router" in failed.message
+        assert "Fix the model's command" not in failed.message
+    finally:
+        await sw.close()
