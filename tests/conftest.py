@@ -10,7 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sandbox import SCRIPT, FakeUnit, RouterHandle, Sandbox, Units, free_port, running_sandbox, sandbox_unavailable
+from sandbox import (
+    FIGURES_DIR,
+    SCRIPT,
+    FakeUnit,
+    RouterHandle,
+    Sandbox,
+    Units,
+    free_port,
+    running_sandbox,
+    sandbox_unavailable,
+)
 
 DEFAULT_TIMEOUT = 90  # seconds per test unless it sets its own @pytest.mark.timeout
 
@@ -23,6 +33,21 @@ def pytest_configure(config: pytest.Config) -> None:
     """SIGTERM (e.g. from run.sh's overall `timeout`) ends the run like Ctrl-C, so fixtures still
     stop the router processes and the systemd sandbox instead of leaking them."""
     signal.signal(signal.SIGTERM, _interrupt)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A new run: forget the figures of the last one (in the main process, not in xdist workers)."""
+    if not hasattr(session.config, "workerinput"):
+        for old in FIGURES_DIR.glob("*.txt"):
+            old.unlink()
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """The figures the suites measured (fault suite, stateful test), whichever process ran them."""
+    if hasattr(config, "workerinput"):
+        return
+    for path in sorted(FIGURES_DIR.glob("*.txt")):
+        terminalreporter.write_line(path.read_text(encoding="utf-8").rstrip())
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -698,12 +698,13 @@ def one_backend(units: Units, router: Callable[..., RouterHandle], models: Itera
 # --- figures printed by the fault suite and the property tests (also under pytest's capture) ---------
 
 
+FIGURES_DIR = REPO / "build" / "test-artifacts" / "figures"
+
+
 def print_figures(config: Any, title: str, lines: Iterable[str]) -> None:
-    """Print a block of figures to the terminal, also when pytest captures output (CI logs show them)."""
+    """Keep a block of figures for the end of the run: conftest's terminal summary prints every block,
+    whichever process measured it (pytest-xdist workers' own output never reaches the terminal)."""
     text = "\n".join(["", f"===== {title} =====", *(f"  {line}" for line in lines)])
-    capman = config.pluginmanager.getplugin("capturemanager") if config is not None else None
-    if capman is None:
-        print(text)
-        return
-    with capman.global_and_fixture_disabled():
-        print(text, flush=True)
+    FIGURES_DIR.mkdir(parents=True, exist_ok=True)
+    with open(FIGURES_DIR / f"{os.getpid()}.txt", "a", encoding="utf-8") as f:
+        f.write(text + "\n")
