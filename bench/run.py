@@ -150,6 +150,8 @@ class Bench:
         (cfg / "config.yml").write_text(json.dumps({
             "listen": {"host": "127.0.0.1", "port": self.ports["router"]},
             "systemd": {"bus": "user", "dropin_dir": str(units)}, "stats": True,
+            # the switch cost is the switch's own: no linger (a policy wait for follow-up requests, 2 s by default)
+            **({"switch": {"linger": 0}} if (self.router_src / "router" / "executor.py").exists() else {}),
             "backends": {name: {"unit": f"bench-{name}.service", "url": self.url(name), "health": "/health"}
                          for name in ("a", "b")}}))
         (cfg / "models.yml").write_text(json.dumps({"models": {"bench": {"backend": "a"},
