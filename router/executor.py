@@ -210,22 +210,22 @@ class PlanExecutor:
                 return LoadFailure(model.id, unit, f"cannot set model_name in {plan.config_file}: {e}.",
                                    "Fix the file or its permissions; it was left as it was.")
         check = plan.dropin is not None and model.command is not None
-        if not changed and (not check or await self._exec_start_matches(unit, model)):
+        if not changed and (not check or await self._exec_start_mismatch(unit, model) is None):
             return None  # systemd already runs what the files say: no daemon-reload (about 0.1-0.3 s)
         self.progress.phase(run, "reloading")
         await self.systemd.reload()
-        if check and not await self._exec_start_matches(unit, model):
-            argv = await self.systemd.exec_start(unit)
+        if check and (argv := await self._exec_start_mismatch(unit, model)) is not None:
             return LoadFailure(model.id, unit,
                                f"after the reload systemd would run {quote_argv(argv)} instead of "
                                f"{quote_argv(list(model.command or ()))}.",
                                f"Another drop-in overrides ExecStart=: see `{config.systemctl('cat', unit)}`.")
         return None
 
-    async def _exec_start_matches(self, unit: str, model: Model) -> bool:
+    async def _exec_start_mismatch(self, unit: str, model: Model) -> list[list[str]] | None:
+        """What systemd would run for the unit, when that is not the model's command; None when it is."""
         argv = await self.systemd.exec_start(unit)
         # systemd keeps "$$" in the parsed argv and turns it into "$" only when it runs the command
-        return argv == [[arg.replace("$", "$$") for arg in model.command or ()]]
+        return None if argv == [[arg.replace("$", "$$") for arg in model.command or ()]] else argv
 
     async def _wait_healthy(self, model: Model, backend: Backend, unit: str, config: Config,
                             run: SwitchRun) -> LoadFailure | None:

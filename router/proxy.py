@@ -217,12 +217,10 @@ class Relay:
         config = self.switcher.config
         try:
             resp = await self._open(call, granted.backend)
-        except UpstreamTimeout as e:
-            self._finish(call, 504, "timeout")
-            return JSONResponse(timed_out(config, granted.model, granted.backend, e), status_code=504)
         except UpstreamError as e:
-            self._finish(call, 502, "upstream_error")
-            return JSONResponse(unreachable(config, granted.model, granted.backend, e), status_code=502)
+            status, outcome, failure = open_failed(config, granted.model, granted.backend, e)
+            self._finish(call, status, outcome)
+            return JSONResponse(failure, status_code=status)
         call.status = resp.status
         if not call.stream or resp.status != 200:  # a whole answer (or an error): read it, send it in one piece
             call.ttft = time.monotonic() - call.started
@@ -321,16 +319,9 @@ class Relay:
         assert isinstance(update, Granted)
         try:
             resp = await self._open(call, update.backend)
-        except UpstreamTimeout as e:
-            call.status, call.outcome = 504, "timeout"
-            body = timed_out(config, update.model, update.backend, e)["error"]
-            yield writer.error(body["message"], body["code"])
-            yield DONE
-            return
         except UpstreamError as e:
-            call.status, call.outcome = 502, "upstream_error"
-            body = unreachable(config, update.model, update.backend, e)["error"]
-            yield writer.error(body["message"], body["code"])
+            call.status, call.outcome, failure = open_failed(config, update.model, update.backend, e)
+            yield writer.error(failure["error"]["message"], failure["error"]["code"])
             yield DONE
             return
         if resp.status != 200:
@@ -384,6 +375,15 @@ class Relay:
             completion_tokens=summary.get("tokens"), tok_per_s=summary.get("tok_per_s")))
         log.info("request", path=call.path, model=call.model_id, stream=call.stream, status=call.status,
                  waited=round(call.waited, 3), duration=round(duration, 3), **summary)
+
+
+def open_failed(config: Config, model: Model, backend: Backend,
+                error: UpstreamError) -> tuple[int, str, dict[str, Any]]:
+    """Status, outcome and body when the request to the engine could not be opened: 504 for a timeout,
+    else 502 (unreachable)."""
+    if isinstance(error, UpstreamTimeout):
+        return 504, "timeout", timed_out(config, model, backend, error)
+    return 502, "upstream_error", unreachable(config, model, backend, error)
 
 
 def unreachable(config: Config, model: Model, backend: Backend, error: Exception) -> dict[str, Any]:

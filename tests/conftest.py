@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
@@ -18,8 +17,8 @@ from sandbox import (
     Sandbox,
     Units,
     free_port,
+    require_sandbox,
     running_sandbox,
-    sandbox_unavailable,
 )
 
 DEFAULT_TIMEOUT = 90  # seconds per test unless it sets its own @pytest.mark.timeout
@@ -78,11 +77,7 @@ def _failed(request: pytest.FixtureRequest) -> bool:
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     """One private systemd user manager for the whole session (skips when this host cannot run it)."""
-    reason = sandbox_unavailable()
-    if reason:
-        if os.environ.get("LLM_ROUTER_REQUIRE_SANDBOX"):
-            pytest.fail(f"LLM_ROUTER_REQUIRE_SANDBOX is set but {reason}")
-        pytest.skip(reason)
+    require_sandbox()
     subprocess.run([str(SCRIPT), "gc"], check=False, capture_output=True, timeout=60)
     with running_sandbox(tmp_path_factory.mktemp("sbx")) as sbx:
         yield sbx

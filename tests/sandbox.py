@@ -63,6 +63,17 @@ def sandbox_unavailable() -> str | None:
     return None
 
 
+def require_sandbox() -> None:
+    """Skip the test (fail it with LLM_ROUTER_REQUIRE_SANDBOX set) when the sandbox cannot run here."""
+    import pytest
+
+    reason = sandbox_unavailable()
+    if reason:
+        if os.environ.get("LLM_ROUTER_REQUIRE_SANDBOX"):
+            pytest.fail(f"LLM_ROUTER_REQUIRE_SANDBOX is set but {reason}")
+        pytest.skip(reason)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

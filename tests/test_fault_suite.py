@@ -42,8 +42,8 @@ from sandbox import (
     Units,
     chat_body,
     print_figures,
+    require_sandbox,
     running_sandbox,
-    sandbox_unavailable,
     stream_request,
     wait_until,
 )
@@ -74,11 +74,7 @@ def pending_check(feature: str, ok: bool, message: str) -> None:
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     """This module's own systemd sandbox: its session bus gets killed, other tests must not share it."""
-    reason = sandbox_unavailable()
-    if reason:
-        if os.environ.get("LLM_ROUTER_REQUIRE_SANDBOX"):
-            pytest.fail(f"LLM_ROUTER_REQUIRE_SANDBOX is set but {reason}")
-        pytest.skip(reason)
+    require_sandbox()
     with running_sandbox(tmp_path_factory.mktemp("faultsbx")) as sbx:
         yield sbx
 

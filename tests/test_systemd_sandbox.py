@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
-from sandbox import Sandbox, Units, running_sandbox, sandbox_unavailable
+from sandbox import Sandbox, Units, require_sandbox, running_sandbox
 
 from router.systemd import Systemd, SystemdError, SystemdUnreachable
 
@@ -122,9 +122,7 @@ async def test_a_unit_still_stopping_counts_as_running(sandbox: Sandbox, units: 
 
 @pytest.fixture(scope="module")
 def own_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    reason = sandbox_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require_sandbox()
     with running_sandbox(tmp_path_factory.mktemp("sbx-bus")) as sbx:
         yield sbx
 
