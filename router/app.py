@@ -189,8 +189,9 @@ class Api:
         active = switcher.scheduler.active
         healthy: bool | None = None
         if active is not None and active in switcher.config.models:
-            backend = switcher.config.backend_of(switcher.config.models[active])
-            healthy = await self.upstream.probe(backend.url + backend.health, 1.0)
+            model = switcher.config.models[active]
+            url = switcher.config.url_of(model) + switcher.config.backend_of(model).health
+            healthy = await self.upstream.probe(url, 1.0)
         body: dict[str, Any] = {"status": "ok" if not problems else "unavailable", "active_model": active,
                                 "backend_healthy": healthy}
         if problems:

@@ -84,13 +84,62 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Endpoint:
+    """One HTTP call of an engine's sleep protocol: a method and a path (with its query)."""
+
+    method: str  # "POST" or "GET"
+    path: str  # starts with "/"
+
+
+@dataclass(frozen=True)
+class SleepSpec:
+    """How an engine is put to sleep (GPU memory freed, the process kept) and woken."""
+
+    kind: Literal["vllm", "sglang", "custom"]
+    enter: Endpoint
+    leave: Endpoint
+    check: Endpoint | None = None  # answers whether it sleeps (vLLM: {"is_sleeping": true})
+
+
+SLEEP_KINDS: dict[str, SleepSpec] = {
+    "vllm": SleepSpec("vllm", Endpoint("POST", "/sleep?level=1"), Endpoint("POST", "/wake_up"),
+                      Endpoint("GET", "/is_sleeping")),
+    "sglang": SleepSpec("sglang", Endpoint("POST", "/release_memory_occupation"),
+                        Endpoint("POST", "/resume_memory_occupation")),
+}
+
+
+@dataclass(frozen=True)
 class Backend:
     name: str
-    unit: str
-    url: str  # no trailing slash
+    unit: str  # a plain unit, or a template ("llamacpp@.service"): one instance per model
+    url: str  # no trailing slash; a template's has "{port}", filled from each model's port
     health: str = "/health"
     config_file: Path | None = None
     warmup: float = 0.0
+    sleep: SleepSpec | None = None  # the engine can sleep: evicting it sleeps instead of stopping
+
+    @property
+    def template(self) -> bool:
+        """A systemd template unit: each model runs as its own instance, many at once."""
+        return self.unit.endswith("@.service")
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    vram_gb: float  # the memory budget on this GPU
+
+
+@dataclass(frozen=True)
+class Residency:
+    """config.yml `residency:`: how many models stay loaded, and for how long."""
+
+    default_ttl: float | None = None  # seconds idle before a model leaves the GPU (None: never)
+    sleep_ttl: float | None = None  # seconds asleep before a sleeping engine is stopped (None: never)
+    max_loaded: int | None = None  # models on the GPU at once (None: as many as fit)
+    host_ram_gb: float | None = None  # budget for sleeping engines' host RAM (None: 80 % of the host's RAM)
+    memory_free_timeout: float = 30.0  # after a stop, wait this long at most for NVML to show the memory free
 
 
 @dataclass(frozen=True)
@@ -105,6 +154,17 @@ class Model:
     load_timeout: float | None = None
     warmup: float | None = None
     unit: str | None = None
+    port: int | None = None  # on a template backend: fills the backend url's {port}
+    vram_gb: float | None = None  # GPU memory it needs; None: measured after a load, else exclusive
+    gpu: int = 0  # the GPU index it loads on
+    ram_gb: float | None = None  # host RAM it holds while asleep (None: its vram_gb)
+    persistent: bool = False  # never evicted to make room: only unload or its ttl removes it
+    ttl: float | None = None  # seconds idle before it leaves the GPU (None: residency.default_ttl)
+    aliases: tuple[str, ...] = ()  # other names a request may use; listed under the id
+    unlisted: bool = False  # loadable, but not in /v1/models
+    max_concurrent: int | None = None  # responses at once; more wait in the queue
+    params_set: Mapping[str, Any] = field(default_factory=dict)  # params: set: fields forced in each request
+    params_strip: tuple[str, ...] = ()  # params: strip: fields removed from each request
 
     @property
     def display_name(self) -> str:
@@ -125,6 +185,9 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     backends: Mapping[str, Backend] = field(default_factory=dict)
     models: Mapping[str, Model] = field(default_factory=dict)
+    gpus: tuple[Gpu, ...] = ()  # config.yml gpus: the budget per GPU (empty: from NVML, else none)
+    residency: Residency = field(default_factory=Residency)
+    preload: tuple[str, ...] = ()  # model ids loaded in order at start (and when a reload adds them)
 
     @property
     def client_keys(self) -> tuple[str, ...]:
@@ -135,8 +198,29 @@ class Config:
         return self.backends[model.backend]
 
     def unit_of(self, model: Model) -> str:
-        """The systemd unit that serves `model`: its own unit if it has one, else its backend's."""
-        return model.unit or self.backends[model.backend].unit
+        """The systemd unit that serves `model`: its own unit, its backend's, or its template instance."""
+        if model.unit:
+            return model.unit
+        backend = self.backends[model.backend]
+        if backend.template:
+            return backend.unit[: -len("@.service")] + "@" + instance_name(model.id) + ".service"
+        return backend.unit
+
+    def url_of(self, model: Model) -> str:
+        """The base URL of the engine that serves `model` (a template backend's with the model's port)."""
+        backend = self.backends[model.backend]
+        if backend.template and model.port is not None:
+            return backend.url.replace("{port}", str(model.port))
+        return backend.url
+
+    def resolve(self, name: str) -> str | None:
+        """The model id a request's `model` names: an id or an alias (None: no such model)."""
+        if name in self.models:
+            return name
+        for model in self.models.values():
+            if name in model.aliases:
+                return model.id
+        return None
 
     def load_timeout_of(self, model: Model) -> float:
         return model.load_timeout if model.load_timeout is not None else self.switch.load_timeout
@@ -153,9 +237,23 @@ class Config:
         return f"journalctl --user-unit={unit}" if self.systemd.bus == "user" else f"journalctl -u {unit}"
 
     def managed_units(self) -> list[str]:
-        """Every unit the router may start or stop, in a stable order."""
-        units = [b.unit for b in self.backends.values()] + [m.unit for m in self.models.values() if m.unit]
+        """Every unit the router may start or stop, in a stable order (template instances, not templates)."""
+        units = [b.unit for b in self.backends.values() if not b.template]
+        units += [self.unit_of(m) for m in self.models.values()]
         return list(dict.fromkeys(units))
+
+
+def instance_name(text: str) -> str:
+    """`text` escaped as a systemd unit instance name, as `systemd-escape` does."""
+    out = []
+    for i, ch in enumerate(text):
+        if ch == "/":
+            out.append("-")
+        elif ch.isascii() and (ch.isalnum() or ch in ":_" or (ch == "." and i > 0)):
+            out.append(ch)
+        else:
+            out.extend(f"\\x{b:02x}" for b in ch.encode())
+    return "".join(out)
 
 
 @dataclass(frozen=True)

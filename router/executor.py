@@ -143,7 +143,7 @@ class PlanExecutor:
                     return LoadFailure(model.id, unit, f"was already running and did not stop (job {result}).",
                                        f"Check `{config.journalctl(unit)}`.", code="unit_stop_failed",
                                        cooldown=False)
-            error = await self._port_in_use(model, backend, unit)
+            error = await self._port_in_use(model, config.url_of(model), unit)
             if error is not None:
                 return error
             self.progress.phase(run, "starting", unit=unit)
@@ -174,17 +174,17 @@ class PlanExecutor:
             await asyncio.sleep(every)
             self.progress.loading(run)
 
-    async def _port_in_use(self, model: Model, backend: Backend, unit: str) -> LoadFailure | None:
+    async def _port_in_use(self, model: Model, url: str, unit: str) -> LoadFailure | None:
         """Something else listening on the engine's port would answer its health checks: refuse."""
         if self.port_check is None:
             return None
         try:
-            holder = await asyncio.to_thread(self.port_check, backend.url)
+            holder = await asyncio.to_thread(self.port_check, url)
         except (OSError, ValueError):  # /proc unreadable or an odd URL: the health checks still run
             return None
         if holder is None:
             return None
-        return LoadFailure(model.id, unit, f"cannot start: {holder} (the backend's url is {backend.url}).",
+        return LoadFailure(model.id, unit, f"cannot start: {holder} (the backend's url is {url}).",
                            "Stop that process, or give the backend another port in config.yml and in the "
                            "model's command.", code="port_in_use")
 
@@ -229,7 +229,7 @@ class PlanExecutor:
 
     async def _wait_healthy(self, model: Model, backend: Backend, unit: str, config: Config,
                             run: SwitchRun) -> LoadFailure | None:
-        url = backend.url + backend.health
+        url = config.url_of(model) + backend.health
         timeout = config.load_timeout_of(model)
         deadline = (run.load_started or self.clock()) + timeout
         polls = 0

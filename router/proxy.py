@@ -209,14 +209,14 @@ class Relay:
 
     # --- the model is loaded: straight through ------------------------------------------------
 
-    async def _open(self, call: Call, backend: Backend) -> UpstreamResponse:
-        return await self.upstream.post(backend.url + call.path, call.body, call.headers,
+    async def _open(self, call: Call, granted: Granted) -> UpstreamResponse:
+        return await self.upstream.post(granted.url + call.path, call.body, call.headers,
                                         self.switcher.config.timeouts)
 
     async def _direct(self, call: Call, granted: Granted, watch: ClientWatch) -> Response:
         config = self.switcher.config
         try:
-            resp = await self._open(call, granted.backend)
+            resp = await self._open(call, granted)
         except UpstreamError as e:
             status, outcome, failure = open_failed(config, granted.model, granted.backend, e)
             self._finish(call, status, outcome)
@@ -318,7 +318,7 @@ class Relay:
             update = await self.switcher.next_update(call.ticket, config.switch.keepalive_every)
         assert isinstance(update, Granted)
         try:
-            resp = await self._open(call, update.backend)
+            resp = await self._open(call, update)
         except UpstreamError as e:
             call.status, call.outcome, failure = open_failed(config, update.model, update.backend, e)
             yield writer.error(failure["error"]["message"], failure["error"]["code"])
@@ -388,16 +388,17 @@ def open_failed(config: Config, model: Model, backend: Backend,
 
 def unreachable(config: Config, model: Model, backend: Backend, error: Exception) -> dict[str, Any]:
     return error_body(
-        f"{model.id}: the backend at {backend.url} (unit {backend.unit}) did not answer: {error}. "
-        f"Check `{config.systemctl('status', backend.unit)}` and `{config.journalctl(backend.unit)}`.",
+        f"{model.id}: the backend at {config.url_of(model)} (unit {config.unit_of(model)}) did not answer: "
+        f"{error}. Check `{config.systemctl('status', config.unit_of(model))}` and "
+        f"`{config.journalctl(config.unit_of(model))}`.",
         "backend_unreachable", "server_error")
 
 
 def timed_out(config: Config, model: Model, backend: Backend, error: UpstreamTimeout) -> dict[str, Any]:
     return error_body(
-        f"{model.id}: the backend at {backend.url} (unit {backend.unit}) {error}; the router dropped the "
-        f"connection and the model is free again. If the engine is just slow, raise timeouts.{error.kind}; "
-        f"otherwise check `{config.journalctl(backend.unit)}`.",
+        f"{model.id}: the backend at {config.url_of(model)} (unit {config.unit_of(model)}) {error}; the router "
+        f"dropped the connection and the model is free again. If the engine is just slow, raise "
+        f"timeouts.{error.kind}; otherwise check `{config.journalctl(config.unit_of(model))}`.",
         "backend_timeout", "server_error")
 
 

@@ -46,6 +46,7 @@ class Granted:
     model: Model
     backend: Backend
     took: float | None = None  # the switch this request waited for took this long
+    url: str = ""  # the engine's base URL (a template backend's instance port filled in)
 
 
 @dataclass(frozen=True)
@@ -301,7 +302,7 @@ class Switcher:
         took = None
         if ticket.told_switching and self.last_switch is not None:
             took = self.last_switch.get("took")
-        self._send(ticket, Granted(model, self.config.backend_of(model), took))
+        self._send(ticket, Granted(model, self.config.backend_of(model), took, self.config.url_of(model)))
 
     def fail(self, ticket: Ticket, error: LoadFailure) -> None:
         self._send(ticket, Failed(error, self._display(ticket.model)))

@@ -126,7 +126,7 @@ class StandInSwitcher:
         ticket.granted = True
         self.granted.append(ticket)
         model = self.config.models[ticket.model or ""]
-        return Granted(model, self.config.backend_of(model))
+        return Granted(model, self.config.backend_of(model), url=self.config.url_of(model))
 
     def done(self, ticket: Ticket) -> None:
         self.released.append(ticket)
