@@ -84,6 +84,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def seconds_since_exec() -> float | None:
+    """How long ago this process started (/proc/self/stat, in clock ticks since boot); None off Linux."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
 def model_from_config(path: str) -> str:
     import yaml  # only needed for --config
 
@@ -149,6 +161,7 @@ class SleepState:
         self.last_sleep_seconds: float | None = None
         self.last_wake_seconds: float | None = None
         self.lock = asyncio.Lock()  # one transition at a time, like the engine core
+        self.startup_seconds: float | None = None  # process start -> listening (interpreter, imports)
 
     def gpu_memory_gb(self) -> float:
         return 0.0 if self.sleeping else self.args.vram_gb
@@ -211,6 +224,7 @@ class SleepState:
     def as_dict(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "pid": os.getpid(), "sleeping": self.sleeping, "level": self.level,
                 "gpu": self.args.gpu, "gpu_memory_gb": self.gpu_memory_gb(), "load_seconds": self.args.load_delay,
+                "startup_seconds": self.startup_seconds,
                 "sleeps": self.sleeps, "wakes": self.wakes, "failed_wakes": self.failed_wakes,
                 "refused_while_asleep": self.refused, "last_sleep_seconds": self.last_sleep_seconds,
                 "last_wake_seconds": self.last_wake_seconds}
@@ -509,6 +523,7 @@ async def amain(args: argparse.Namespace, model_id: str) -> int:
         err(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
         return 1
     fake.state.write_memory()
+    fake.state.startup_seconds = seconds_since_exec()
     log(f"ready on http://{args.host}:{args.port} (model {model_id}, pid {os.getpid()})")
     if args.load_delay > 0 and not args.never_healthy:
         loop.call_later(args.load_delay, log, f"{model_id} loaded after {args.load_delay}s")

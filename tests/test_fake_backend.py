@@ -243,3 +243,8 @@ def test_no_sleep_endpoints(fake: Callable[..., Fake]) -> None:
     f = fake("--no-sleep")
     assert httpx.post(f.url + "/sleep?level=1").status_code == 404
     assert httpx.get(f.url + "/is_sleeping").status_code == 404
+
+
+def test_startup_seconds(fake: Callable[..., Fake]) -> None:
+    state = httpx.get(fake().url + "/fake/state").json()
+    assert 0 < state["startup_seconds"] < 20 and state["load_seconds"] == 0
