@@ -136,9 +136,6 @@ def fake_nvml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     yield d
 
 
-CORE = "the residency core (scheduler/plan/executor for a resident set) is not on this branch yet"
-needs_core = pytest.mark.xfail(strict=False, reason=CORE)
-
 
 # --- the engine pieces alone ---------------------------------------------------------------------
 
@@ -192,7 +189,6 @@ def _healthy(url: str) -> bool:
 # --- through the router --------------------------------------------------------------------------
 
 
-@needs_core
 def test_persistent_embedding_model_answers_through_ten_chat_switches(sandbox: Sandbox, units: Units,
                                                                      router: Router) -> None:
     eng = Engines(units, "emb")
@@ -230,7 +226,6 @@ def test_persistent_embedding_model_answers_through_ten_chat_switches(sandbox: S
     assert sandbox.active_state(emb_unit) == "active"
 
 
-@needs_core
 def test_three_40gb_models_on_100gb_evict_the_least_recently_used(sandbox: Sandbox, units: Units,
                                                                  router: Router) -> None:
     eng = Engines(units, "lru")
@@ -248,7 +243,6 @@ def test_three_40gb_models_on_100gb_evict_the_least_recently_used(sandbox: Sandb
     assert (states["a"], states["b"], states["c"]) == ("loaded", "unloaded", "loaded"), states
 
 
-@needs_core
 def test_a_model_without_vram_gb_stops_everything_else(sandbox: Sandbox, units: Units, router: Router) -> None:
     eng = Engines(units, "excl")
     rt = router({"tpl": eng.backend()}, {"a": eng.model("a", vram_gb=40), "b": eng.model("b", vram_gb=40),
@@ -259,7 +253,6 @@ def test_a_model_without_vram_gb_stops_everything_else(sandbox: Sandbox, units: 
     assert [sandbox.active_state(eng.unit(m)) for m in ("a", "b", "big")] == ["inactive", "inactive", "active"]
 
 
-@needs_core
 def test_ttl_unloads_an_idle_model(sandbox: Sandbox, units: Units, router: Router) -> None:
     eng = Engines(units, "ttl")
     rt = router({"tpl": eng.backend()}, {"brief": eng.model("brief", vram_gb=10, ttl=1),
@@ -273,7 +266,6 @@ def test_ttl_unloads_an_idle_model(sandbox: Sandbox, units: Units, router: Route
     assert model_states(rt)["brief"] == "unloaded"
 
 
-@needs_core
 def test_preload_at_start(sandbox: Sandbox, units: Units, router: Router) -> None:
     eng = Engines(units, "pre")
     router({"tpl": eng.backend()}, {m: eng.model(m, vram_gb=10) for m in ("p1", "p2", "lazy")},
@@ -284,7 +276,6 @@ def test_preload_at_start(sandbox: Sandbox, units: Units, router: Router) -> Non
     assert sandbox.active_state(eng.unit("lazy")) == "inactive"
 
 
-@needs_core
 def test_aliases_and_unlisted(sandbox: Sandbox, units: Units, router: Router) -> None:
     eng = Engines(units, "names")
     rt = router({"tpl": eng.backend()}, {
@@ -300,7 +291,6 @@ def test_aliases_and_unlisted(sandbox: Sandbox, units: Units, router: Router) ->
     assert sandbox.active_state(eng.unit("hidden")) == "active"
 
 
-@needs_core
 def test_switching_away_sleeps_and_back_wakes(sandbox: Sandbox, units: Units, router: Router) -> None:
     eng = Engines(units, "slp", sleep_kind="vllm")
     rt = router({"tpl": eng.backend()}, {m: eng.model(m, "--wake-time", "0.2", vram_gb=40) for m in ("s1", "s2")},
@@ -326,7 +316,6 @@ def test_switching_away_sleeps_and_back_wakes(sandbox: Sandbox, units: Units, ro
     assert model_states(rt)["s1"] == "loaded"
 
 
-@needs_core
 def test_a_failed_wake_falls_back_to_a_restart(sandbox: Sandbox, units: Units, router: Router) -> None:
     eng = Engines(units, "wakefail", sleep_kind="vllm")
     rt = router({"tpl": eng.backend()}, {"f": eng.model("f", "--fail-wake", vram_gb=40),
@@ -343,7 +332,6 @@ def test_a_failed_wake_falls_back_to_a_restart(sandbox: Sandbox, units: Units, r
     assert "wake" in rt.log_text().lower() and "out of memory" in rt.log_text()
 
 
-@needs_core
 def test_host_ram_pressure_stops_the_oldest_sleeper(sandbox: Sandbox, units: Units, router: Router) -> None:
     eng = Engines(units, "ram", sleep_kind="vllm")
     rt = router({"tpl": eng.backend()}, {m: eng.model(m, vram_gb=40) for m in ("r1", "r2", "r3")},
@@ -357,7 +345,6 @@ def test_host_ram_pressure_stops_the_oldest_sleeper(sandbox: Sandbox, units: Uni
     assert model_states(rt) == {"r1": "unloaded", "r2": "sleeping", "r3": "loaded"}
 
 
-@needs_core
 def test_switch_time_cold_start_vs_wake(sandbox: Sandbox, units: Units, router: Router,
                                         request: pytest.FixtureRequest) -> None:
     """Figures: a request that cold-starts its model vs one that wakes it, and the router's share of
