@@ -110,10 +110,10 @@ def test_no_usage_and_token_rate(fake: Callable[..., Fake]) -> None:
 
 
 def test_load_delay_then_healthy(fake: Callable[..., Fake]) -> None:
-    f = fake("--model-id", "slow", "--load-delay", "0.6")
+    f = fake("--model-id", "slow", "--load-delay", "3")
     assert httpx.get(f.url + "/health").status_code == 503
     assert httpx.post(f.url + "/v1/chat/completions", json=chat_body("m")).status_code == 503
-    wait_until(lambda: httpx.get(f.url + "/health").status_code == 200, timeout=5, step=0.05)
+    wait_until(lambda: httpx.get(f.url + "/health").status_code == 200, timeout=15, step=0.05)
 
 
 def test_never_healthy(fake: Callable[..., Fake]) -> None:
@@ -130,7 +130,7 @@ def test_exit_code_at_once(fake: Callable[..., Fake]) -> None:
 
 
 def test_exit_after(fake: Callable[..., Fake]) -> None:
-    f = fake("--model-id", "dies", "--exit-after", "0.3", "--exit-code", "4")
+    f = fake("--model-id", "dies", "--exit-after", "2", "--exit-code", "4")
     assert f.proc.wait(10) == 4
 
 
