@@ -160,6 +160,7 @@ class Scheduler:
         self.to_preload: list[str] = []  # config.yml preload, loaded once nothing waits
         self.blocked: set[str] = set()  # loaded models that take no new requests: a starving switch evicts them
         self.version = 0  # bumped whenever the resident set changes (observers compare it)
+        self._ttl_cache: tuple[Config, bool] | None = None
 
     # --- the resident set -----------------------------------------------------------------------
 
@@ -630,6 +631,8 @@ class Scheduler:
 
     def _idle_work(self, now: float) -> None:
         """Nothing waits: ttls that ran out, then preloads."""
+        if not self.to_preload and not self._ttls():
+            return  # the usual case, after every response: nothing to look at
         view = self.view()
         evict, stop, upcoming = expired(view, now, set(self.serving))
         if evict or stop:
@@ -645,6 +648,15 @@ class Scheduler:
                     return
         if upcoming is not None:
             self.effects.wake_at(upcoming)
+
+    def _ttls(self) -> bool:
+        """Does anything in this configuration ever expire? (cached per configuration)"""
+        cached = self._ttl_cache
+        if cached is None or cached[0] is not self.config:
+            c = self.config
+            any_ttl = c.residency.sleep_ttl is not None or any(c.ttl_of(m) is not None for m in c.models.values())
+            cached = self._ttl_cache = (c, any_ttl)
+        return cached[1]
 
     def _retry(self, target: str, waiters: list[Ticket]) -> None:
         room = make_room(self.view(), target)
