@@ -339,6 +339,16 @@ def test_bad_models(model: str, message: str) -> None:
     assert p.message.startswith(message), p.message
 
 
+def test_a_model_id_too_long_for_its_instance_unit_name() -> None:
+    cfg = parse(TEMPLATE_CONFIG, "models:\n  " + "a" * 238 + ": {backend: llamacpp, port: 9001}\n")
+    assert len(cfg.unit_of(next(iter(cfg.models.values())))) == 255
+    p = only(TEMPLATE_CONFIG, "models:\n  " + "é" * 30 + ": {backend: llamacpp, port: 9001}\n")
+    assert (p.file, p.line) == (MODELS, 2)
+    assert p.message.startswith(f"models.{'é' * 30}: its instance unit llamacpp@\\xc3\\xa9\\xc3\\xa9")
+    assert p.message.endswith("... would be 257 characters long (the id escaped for systemd), more than systemd's 255; "
+                              "use a shorter model id (an alias can keep the long name)")
+
+
 def test_duplicate_ports_on_templates_name_the_first_model() -> None:
     config = TEMPLATE_CONFIG + "  vllm: {unit: vllm@.service, url: 'http://127.0.0.1:{port}'}\n"
     p = only(config, "models:\n  a: {backend: llamacpp, port: 9001}\n  b: {backend: vllm, port: 9001}\n")
