@@ -751,7 +751,7 @@ class _Checker:
                                     f"like {value.rsplit('/', 1)[-1]!r}")
         elif not value.endswith(".service"):
             self.problem(item.node, f"{path}: {value!r} must be a service unit name ending in '.service'")
-        elif not SERVICE_UNIT_RE.match(value) or len(value) > 255:
+        elif not SERVICE_UNIT_RE.match(value) or len(value) > MAX_UNIT_NAME:
             self.problem(item.node, f"{path}: {value!r} is not a valid unit name: use letters, digits, "
                                     "':', '_', '.', '-', '\\' and at most one '@'")
         elif value.endswith("@.service") and not template_ok:
@@ -785,6 +785,7 @@ _RESIDENCY_KEYS = ("default_ttl", "sleep_ttl", "max_loaded", "host_ram_gb", "mem
 _SLEEP_KEYS = ("enter", "leave", "check")
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 PORT_PLACEHOLDER = "{port}"
+MAX_UNIT_NAME = 255  # systemd's limit on a unit name (UNIT_NAME_MAX - 1)
 
 
 @dataclass
@@ -1270,6 +1271,12 @@ def _parse_model(chk: _Checker, entry: _Item, settings: _Settings, names: _Model
             chk.problem(fields["unit"].key_node, f"{path}.unit: a model with its own unit is only started "
                         f"and stopped, nothing is rewritten; remove {', '.join(clash)} or remove unit")
 
+    if template and backend_unit is not None:
+        instance = f"{backend_unit[:-len('@.service')]}@{instance_name(mid)}.service"
+        if len(instance) > MAX_UNIT_NAME:
+            chk.problem(entry.key_node, f"{path}: its instance unit {instance[:40]}... would be {len(instance)} "
+                        f"characters long (the id escaped for systemd), more than systemd's {MAX_UNIT_NAME}; use a "
+                        "shorter model id (an alias can keep the long name)")
     port = _model_port(chk, entry, fields, path, backend, backend_unit, settings, names)
     resources = _resources(chk, fields, path, settings)
     ttl_item = fields.get("ttl")

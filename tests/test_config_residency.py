@@ -23,6 +23,7 @@ DIR = Path("/etc/llm-router")
 CFG = DIR / "config.yml"
 MODELS = DIR / "models.yml"
 ENV = {"HOME": "/home/ann"}
+REPO = Path(__file__).resolve().parent.parent
 
 TEMPLATE_CONFIG = """\
 backends:
@@ -338,6 +339,16 @@ def test_bad_models(model: str, message: str) -> None:
     assert p.message.startswith(message), p.message
 
 
+def test_a_model_id_too_long_for_its_instance_unit_name() -> None:
+    cfg = parse(TEMPLATE_CONFIG, "models:\n  " + "a" * 238 + ": {backend: llamacpp, port: 9001}\n")
+    assert len(cfg.unit_of(next(iter(cfg.models.values())))) == 255
+    p = only(TEMPLATE_CONFIG, "models:\n  " + "é" * 30 + ": {backend: llamacpp, port: 9001}\n")
+    assert (p.file, p.line) == (MODELS, 2)
+    assert p.message.startswith(f"models.{'é' * 30}: its instance unit llamacpp@\\xc3\\xa9\\xc3\\xa9")
+    assert p.message.endswith("... would be 257 characters long (the id escaped for systemd), more than systemd's 255; "
+                              "use a shorter model id (an alias can keep the long name)")
+
+
 def test_duplicate_ports_on_templates_name_the_first_model() -> None:
     config = TEMPLATE_CONFIG + "  vllm: {unit: vllm@.service, url: 'http://127.0.0.1:{port}'}\n"
     p = only(config, "models:\n  a: {backend: llamacpp, port: 9001}\n  b: {backend: vllm, port: 9001}\n")
@@ -408,3 +419,45 @@ models:
         ("models.yml", 3, "models.b.vram_gb"),
         ("models.yml", 3, "models.b.aliases[0]"),
     ]
+
+
+# --- the commented examples in the shipped files -----------------------------------------------------------
+
+
+def _commented_block(text: str, first: str, prefix: str = "# ") -> list[str]:
+    """The commented YAML block that starts at the line `first`, uncommented: the lines after it that
+    start with `prefix` and are indented deeper (or, for an indented first line, as deep: siblings)."""
+    lines = text.splitlines()
+    start = lines.index(first)
+    depth = len(first) - len(first[len(prefix):].lstrip()) - len(prefix)
+    block = [first[len(prefix):]]
+    for line in lines[start + 1:]:
+        rest = line[len(prefix):]
+        indent = len(rest) - len(rest.lstrip())
+        if not line.startswith(prefix) or indent < depth or (indent == depth == 0):
+            break
+        block.append(rest)
+    return block
+
+
+def test_shipped_residency_examples_parse_once_uncommented() -> None:
+    config_text = (REPO / "etc/llm-router/config.yml").read_text()
+    models_text = (REPO / "etc/llm-router/models.yml").read_text()
+    settings = [*_commented_block(config_text, "# gpus:"), *_commented_block(config_text, "# residency:"),
+                *_commented_block(config_text, "# preload: [bge-m3]")]
+    backends = _commented_block(config_text, "#   llamacpp-many:")
+    models = _commented_block(models_text, "#   bge-m3:")
+    config = config_text.replace("\nbackends:\n", "\n" + "\n".join(settings) + "\nbackends:\n" + "\n".join(backends)
+                                 + "\n")
+    models_yml = models_text.replace("\nmodels:\n", "\nmodels:\n" + "\n".join(models) + "\n")
+    assert any("memory_free_timeout" in line for line in settings) and "    sleep: vllm" in backends
+    assert any("params:" in line for line in models)
+    cfg = parse_config(config, models_yml, DIR, {})
+    assert cfg.gpus == (Gpu(0, 141.0),) and cfg.residency == Residency() and cfg.preload == ("bge-m3",)
+    assert cfg.backends["vllm-many"].sleep is SLEEP_KINDS["vllm"]
+    embed, big = cfg.models["bge-m3"], cfg.models["llama-3.3-70b-fp8"]
+    assert (cfg.unit_of(embed), cfg.url_of(embed), embed.persistent, embed.unlisted) == (
+        "llamacpp@bge\\x2dm3.service", "http://127.0.0.1:8101", True, True)
+    assert big.command is not None and big.command[-1] == "--enable-sleep-mode"
+    assert (cfg.url_of(big), big.aliases, big.ttl, big.max_concurrent, dict(big.params_set), big.params_strip) == (
+        "http://127.0.0.1:8201", ("chat",), 1800.0, 16, {"temperature": 0.6}, ("logit_bias",))
