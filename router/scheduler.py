@@ -600,8 +600,10 @@ class Scheduler:
         else:
             unit = self.config.unit_of(self.config.models[head.model])
             units = [unit] if unit in self.running else []
-        if any(m in self.serving for m in models):
-            return False  # it waits for the responses streaming (and takes no new ones: see blocked)
+        config = self.config
+        if any(m in models or m not in config.models or config.unit_of(config.models[m]) in units
+               for m in self.serving):
+            return False  # it waits for the responses streaming from what it stops (and takes no new ones)
         if not units:
             self.queue.remove(head)
             self._drop_all(models)

@@ -271,8 +271,11 @@ class Switcher:
         """Apply a new configuration; units it no longer manages are stopped if they run a router model."""
         old = self.config
         dropped = [u for u in old.managed_units() if u not in set(config.managed_units())]
-        resident = set(self.scheduler.resident)
-        orphans = {u for u in dropped if u in self.scheduler.running and router_loaded(old, u, resident)}
+        sched = self.scheduler
+        ours = set(sched.resident) | set(sched.to_adopt)  # loaded, asleep, found running, or loading now
+        if sched.switch is not None and sched.switch.target is not None:
+            ours.add(sched.switch.target)
+        orphans = {u for u in dropped if u in sched.running and router_loaded(old, u, ours)}
         self.config_loaded_at, self.reload_error = time.time(), None
         if orphans:
             log.warning("reload_orphans", units=sorted(orphans), action="stopping them: they run a model the "

@@ -350,3 +350,16 @@ def test_an_instance_that_goes_away_leaves_only_its_model(state: str):
     s.on_done(load(s, "y"))
     s.on_unit_state("llamacpp@x.service", state)
     assert s.state_of("x") is None and s.state_of("y") == "loaded"
+
+
+def test_unloading_waits_for_a_response_from_a_model_whose_definition_a_reload_changed():
+    """Found by the stateful test: a reload dropped the streaming model from the resident set, and an
+    unload then stopped its unit mid-answer."""
+    c = cfg([m("x", 10)])
+    s, _rec, _ = make(c)
+    x = load(s, "x")
+    s.on_config(replace(c, models={"x": replace(c.models["x"], command=("/bin/x", "--new"))}))
+    ask(s, None)
+    assert s.switch is None  # x still streams
+    s.on_done(x)
+    assert s.switch is not None and s.switch.plan.stop == ("llamacpp@x.service",)

@@ -854,8 +854,8 @@ class ResidentSetMachine(SwitcherMachine):
     residency = True
 
 
-ResidentSetMachine.TestCase.settings = settings(
-    max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
+ResidentSetMachine.TestCase.settings = settings(  # half as many: the suite's time is shared with the first
+    max_examples=max(EXAMPLES // 2, 1), stateful_step_count=STEPS, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 TestResidentSetStateful = ResidentSetMachine.TestCase
 
@@ -879,12 +879,13 @@ INVARIANTS = ("run_loop_alive", "no_internal_error", "every_ticket_ends_at_most_
               "failed_model_fails_at_once_during_cooldown", "unconfigured_models_fail")
 
 
-def replay(feature: str, steps: Callable[[SwitcherMachine], None]) -> None:
+def replay(feature: str, steps: Callable[[SwitcherMachine], None],
+           machine: type[SwitcherMachine] = SwitcherMachine) -> None:
     """Run the steps, every invariant, then quiescence, enforcing the core checks and `feature`'s."""
-    m = type("Replay", (SwitcherMachine,), {"enforce": feature})()
+    m = type("Replay", (machine,), {"enforce": feature})()
     try:
         steps(m)
-        for name in INVARIANTS:
+        for name in (*INVARIANTS, "resident_models_fit_the_budget", "plans_spare_busy_and_persistent_models"):
             getattr(m, name)()
         m._quiesce()
     finally:
@@ -953,3 +954,24 @@ def test_a_switch_fails_at_once_while_systemd_is_unreachable() -> None:
         m.advance(seconds=5.0)
         m.arrive(model="a", priority=0, hold=0.0, stream=False)  # after the reconnection it loads
     replay("dbus_reconnect", steps)
+
+
+# --- found by the resident-set machine ------------------------------------------------------------------
+
+
+def test_an_unload_waits_for_a_model_a_reload_changed_while_it_answered() -> None:
+    def steps(m: SwitcherMachine) -> None:
+        m.arrive(model="a", priority=0, hold=0.05, stream=False)
+        m.reload(models={"a"}, bump={"a"}, move_two=False, drop_two=False)
+        m.arrive(model=None, priority=0, hold=0.0, stream=False)
+        m.plans_spare_busy_and_persistent_models()
+    replay("liveness", steps)
+
+
+def test_a_reload_stops_a_unit_adopted_after_a_bus_outage_when_it_removes_its_model() -> None:
+    def steps(m: SwitcherMachine) -> None:
+        m.probe_fault(behaviour="hang", times=1)
+        m.burst(model="d", count=3, every=0.5, hold=5.0)
+        m.bus_outage(seconds=0.5)
+        m.reload(models={"a"}, bump=set(), move_two=False, drop_two=False)
+    replay("reload_stops_unmanaged", steps, ResidentSetMachine)
