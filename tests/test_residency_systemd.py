@@ -10,6 +10,7 @@ its start, load, sleep and wake took, from the fake's /fake/state).
 from __future__ import annotations
 
 import functools
+import json
 import statistics
 import sys
 import threading
@@ -298,6 +299,40 @@ def test_aliases_and_unlisted(sandbox: Sandbox, units: Units, router: Router) ->
         assert answer(c, "hidden").startswith("I am hidden.")
     assert sandbox.active_state(eng.unit("named")) == "active"
     assert sandbox.active_state(eng.unit("hidden")) == "active"
+
+
+@needs_core
+def test_budget_from_the_driver_and_vram_measured_after_the_first_load(sandbox: Sandbox, units: Units,
+                                                                       router: Router, fake_nvml: Path) -> None:
+    """No `gpus:`: the budget is NVML's (the fake's 100 GB). A model without vram_gb is exclusive
+    until its first load has been measured (30 GB of its unit's processes), then it shares the GPU."""
+    eng = Engines(units, "measure")
+    mem = ("--gpu-memory-dir", str(fake_nvml))
+    rt = router({"tpl": eng.backend()}, {"a": eng.model("a", "--vram-gb", "40", *mem, vram_gb=40),
+                                         "m": eng.model("m", "--vram-gb", "30", *mem)})
+    with rt.client() as c:
+        assert answer(c, "a").startswith("I am a.")
+        assert answer(c, "m").startswith("I am m.")
+        assert sandbox.active_state(eng.unit("a")) == "inactive"  # m's size was unknown: it took the GPU
+        inv_m = invocation(sandbox, eng.unit("m"))
+        assert answer(c, "a").startswith("I am a.")
+    assert sandbox.active_state(eng.unit("m")) == "active" and invocation(sandbox, eng.unit("m")) == inv_m
+
+
+@needs_core
+def test_the_next_engine_starts_once_the_stopped_ones_memory_is_free(sandbox: Sandbox, units: Units,
+                                                                      router: Router, fake_nvml: Path) -> None:
+    eng = Engines(units, "release")
+    mem = ("--gpu-memory-dir", str(fake_nvml))
+    rt = router({"tpl": eng.backend()}, {"x": eng.model("x", "--vram-gb", "60", "--release-delay", "1.5", *mem,
+                                                        vram_gb=60),
+                                         "y": eng.model("y", "--vram-gb", "60", *mem, vram_gb=60)})
+    with rt.client() as c:
+        assert answer(c, "x").startswith("I am x.")
+        x_pid = eng.state("x")["pid"]
+        assert answer(c, "y").startswith("I am y.")
+    released_at = json.loads((fake_nvml / f"{x_pid}.json").read_text())["released_at"]
+    assert eng.state("y")["listening_at"] >= released_at  # y started only after the driver freed x's memory
 
 
 @needs_core
