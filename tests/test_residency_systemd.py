@@ -137,8 +137,10 @@ def fake_nvml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     yield d
 
 
-CORE = "the residency core (scheduler/plan/executor for a resident set) is not on this branch yet"
-needs_core = pytest.mark.xfail(strict=False, reason=CORE)
+# The residency core is on main (ad4996e) and these pass; the daemon does not hand router/sleep.py and
+# router/gpu.py (NVML) to the executor yet, so the sleep and GPU-memory tests cannot pass until it does.
+needs_wiring = pytest.mark.xfail(strict=False, reason="the daemon does not pass a SleepDriver/MemoryProbe "
+                                 "(router/sleep.py, router/gpu.py) to the executor yet")
 
 
 # --- the engine pieces alone ---------------------------------------------------------------------
@@ -193,7 +195,6 @@ def _healthy(url: str) -> bool:
 # --- through the router --------------------------------------------------------------------------
 
 
-@needs_core
 def test_persistent_embedding_model_answers_through_ten_chat_switches(sandbox: Sandbox, units: Units,
                                                                      router: Router) -> None:
     eng = Engines(units, "emb")
@@ -231,7 +232,6 @@ def test_persistent_embedding_model_answers_through_ten_chat_switches(sandbox: S
     assert sandbox.active_state(emb_unit) == "active"
 
 
-@needs_core
 def test_three_40gb_models_on_100gb_evict_the_least_recently_used(sandbox: Sandbox, units: Units,
                                                                  router: Router) -> None:
     eng = Engines(units, "lru")
@@ -249,7 +249,6 @@ def test_three_40gb_models_on_100gb_evict_the_least_recently_used(sandbox: Sandb
     assert (states["a"], states["b"], states["c"]) == ("loaded", "unloaded", "loaded"), states
 
 
-@needs_core
 def test_a_model_without_vram_gb_stops_everything_else(sandbox: Sandbox, units: Units, router: Router) -> None:
     eng = Engines(units, "excl")
     rt = router({"tpl": eng.backend()}, {"a": eng.model("a", vram_gb=40), "b": eng.model("b", vram_gb=40),
@@ -260,7 +259,6 @@ def test_a_model_without_vram_gb_stops_everything_else(sandbox: Sandbox, units: 
     assert [sandbox.active_state(eng.unit(m)) for m in ("a", "b", "big")] == ["inactive", "inactive", "active"]
 
 
-@needs_core
 def test_ttl_unloads_an_idle_model(sandbox: Sandbox, units: Units, router: Router) -> None:
     eng = Engines(units, "ttl")
     rt = router({"tpl": eng.backend()}, {"brief": eng.model("brief", vram_gb=10, ttl=1),
@@ -274,7 +272,6 @@ def test_ttl_unloads_an_idle_model(sandbox: Sandbox, units: Units, router: Route
     assert model_states(rt)["brief"] == "unloaded"
 
 
-@needs_core
 def test_preload_at_start(sandbox: Sandbox, units: Units, router: Router) -> None:
     eng = Engines(units, "pre")
     router({"tpl": eng.backend()}, {m: eng.model(m, vram_gb=10) for m in ("p1", "p2", "lazy")},
@@ -285,7 +282,6 @@ def test_preload_at_start(sandbox: Sandbox, units: Units, router: Router) -> Non
     assert sandbox.active_state(eng.unit("lazy")) == "inactive"
 
 
-@needs_core
 def test_aliases_and_unlisted(sandbox: Sandbox, units: Units, router: Router) -> None:
     eng = Engines(units, "names")
     rt = router({"tpl": eng.backend()}, {
@@ -301,7 +297,7 @@ def test_aliases_and_unlisted(sandbox: Sandbox, units: Units, router: Router) ->
     assert sandbox.active_state(eng.unit("hidden")) == "active"
 
 
-@needs_core
+@needs_wiring
 def test_budget_from_the_driver_and_vram_measured_after_the_first_load(sandbox: Sandbox, units: Units,
                                                                        router: Router, fake_nvml: Path) -> None:
     """No `gpus:`: the budget is NVML's (the fake's 100 GB). A model without vram_gb is exclusive
@@ -319,7 +315,7 @@ def test_budget_from_the_driver_and_vram_measured_after_the_first_load(sandbox: 
     assert sandbox.active_state(eng.unit("m")) == "active" and invocation(sandbox, eng.unit("m")) == inv_m
 
 
-@needs_core
+@needs_wiring
 def test_the_next_engine_starts_once_the_stopped_ones_memory_is_free(sandbox: Sandbox, units: Units,
                                                                       router: Router, fake_nvml: Path) -> None:
     eng = Engines(units, "release")
@@ -335,7 +331,7 @@ def test_the_next_engine_starts_once_the_stopped_ones_memory_is_free(sandbox: Sa
     assert eng.state("y")["listening_at"] >= released_at  # y started only after the driver freed x's memory
 
 
-@needs_core
+@needs_wiring
 def test_switching_away_sleeps_and_back_wakes(sandbox: Sandbox, units: Units, router: Router) -> None:
     eng = Engines(units, "slp", sleep_kind="vllm")
     rt = router({"tpl": eng.backend()}, {m: eng.model(m, "--wake-time", "0.2", vram_gb=40) for m in ("s1", "s2")},
@@ -361,7 +357,7 @@ def test_switching_away_sleeps_and_back_wakes(sandbox: Sandbox, units: Units, ro
     assert model_states(rt)["s1"] == "loaded"
 
 
-@needs_core
+@needs_wiring
 def test_a_failed_wake_falls_back_to_a_restart(sandbox: Sandbox, units: Units, router: Router) -> None:
     eng = Engines(units, "wakefail", sleep_kind="vllm")
     rt = router({"tpl": eng.backend()}, {"f": eng.model("f", "--fail-wake", vram_gb=40),
@@ -378,7 +374,7 @@ def test_a_failed_wake_falls_back_to_a_restart(sandbox: Sandbox, units: Units, r
     assert "wake" in rt.log_text().lower() and "out of memory" in rt.log_text()
 
 
-@needs_core
+@needs_wiring
 def test_host_ram_pressure_stops_the_oldest_sleeper(sandbox: Sandbox, units: Units, router: Router) -> None:
     eng = Engines(units, "ram", sleep_kind="vllm")
     rt = router({"tpl": eng.backend()}, {m: eng.model(m, vram_gb=40) for m in ("r1", "r2", "r3")},
@@ -392,7 +388,7 @@ def test_host_ram_pressure_stops_the_oldest_sleeper(sandbox: Sandbox, units: Uni
     assert model_states(rt) == {"r1": "unloaded", "r2": "sleeping", "r3": "loaded"}
 
 
-@needs_core
+@needs_wiring
 def test_switch_time_cold_start_vs_wake(sandbox: Sandbox, units: Units, router: Router,
                                         request: pytest.FixtureRequest) -> None:
     """Figures: a request that cold-starts its model vs one that wakes it, and the router's share of
