@@ -19,7 +19,7 @@ import structlog
 from router import journal
 from router.atomicfile import read_text, remove_file, write_atomic
 from router.backendconf import set_model_name
-from router.chunks import loading_line
+from router.chunks import loading_line, waking_line
 from router.config import Backend, Config, Model, SleepSpec
 from router.execstart import DROPIN_NAME, needs_dropin, render_dropin
 from router.plan import Plan
@@ -62,6 +62,8 @@ class SwitchRun:
         return self.clock() - self.started
 
     def loading_text(self) -> str:
+        if self.phase == "waking":
+            return waking_line(self.display, self.clock() - (self.load_started or self.started))
         return loading_line(self.display, self.clock() - (self.load_started or self.started), self.timeout,
                             self.expected)
 

@@ -210,7 +210,7 @@ def expired(view: View, now: float, serving: Set[str]) -> tuple[list[str], list[
         if model is None or mid in serving:
             continue
         if r.state == "loaded":
-            ttl = model.ttl if model.ttl is not None else config.residency.default_ttl
+            ttl = config.ttl_of(model)
             if ttl is None:
                 continue
             due = r.last_used + ttl

@@ -22,9 +22,10 @@ from typing import Any
 
 import structlog
 
+from router import gpu, hostmem
 from router.atomicfile import read_text
 from router.backendconf import read_model_name
-from router.chunks import switching_line
+from router.chunks import switching_line, waking_line
 from router.config import Backend, Config, Model
 from router.events import EventBus, ModelState, QueueDepth, SwitchEnded, SwitchProgress
 from router.execstart import DROPIN_NAME, dropin_model_id, needs_dropin
@@ -121,6 +122,9 @@ class Switcher:
         states = await self.systemd.states(units)
         running = {u for u, s in states.items() if s.is_running}
         adopt = find_running_models(self.config, running)
+        with contextlib.suppress(Exception):  # budgets the config does not give: from the driver and the host
+            self.scheduler.gpu_budget = await asyncio.to_thread(gpu.budget)
+            self.scheduler.host_ram_gb = hostmem.default_budget_gb()
         log.info("startup", running=sorted(running), adopt=adopt)
         self._start_loop()
         self._post(self.scheduler.on_startup, running, adopt)
@@ -302,7 +306,9 @@ class Switcher:
     def waiting(self, ticket: Ticket, switch: Switch | None) -> None:
         if not ticket.told_switching and ticket.model is not None and not ticket.unload:
             ticket.told_switching = True
-            self._send(ticket, Status(switching_line(self._display(ticket.model))))
+            display = self._display(ticket.model)
+            wake = switch.plan.wake if switch is not None else self.scheduler.state_of(ticket.model) == "sleeping"
+            self._send(ticket, Status(waking_line(display) if wake else switching_line(display)))
         if switch is not None and self.run_info is not None and self.run_info.load_started is not None:
             self._send(ticket, Status(self.run_info.loading_text()))
 

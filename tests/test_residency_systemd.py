@@ -137,11 +137,6 @@ def fake_nvml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     yield d
 
 
-# The residency core is on main (ad4996e) and these pass; the daemon does not hand router/sleep.py and
-# router/gpu.py (NVML) to the executor yet, so the sleep and GPU-memory tests cannot pass until it does.
-needs_wiring = pytest.mark.xfail(strict=False, reason="the daemon does not pass a SleepDriver/MemoryProbe "
-                                 "(router/sleep.py, router/gpu.py) to the executor yet")
-
 
 # --- the engine pieces alone ---------------------------------------------------------------------
 
@@ -297,7 +292,6 @@ def test_aliases_and_unlisted(sandbox: Sandbox, units: Units, router: Router) ->
     assert sandbox.active_state(eng.unit("hidden")) == "active"
 
 
-@needs_wiring
 def test_budget_from_the_driver_and_vram_measured_after_the_first_load(sandbox: Sandbox, units: Units,
                                                                        router: Router, fake_nvml: Path) -> None:
     """No `gpus:`: the budget is NVML's (the fake's 100 GB). A model without vram_gb is exclusive
@@ -315,7 +309,6 @@ def test_budget_from_the_driver_and_vram_measured_after_the_first_load(sandbox: 
     assert sandbox.active_state(eng.unit("m")) == "active" and invocation(sandbox, eng.unit("m")) == inv_m
 
 
-@needs_wiring
 def test_the_next_engine_starts_once_the_stopped_ones_memory_is_free(sandbox: Sandbox, units: Units,
                                                                       router: Router, fake_nvml: Path) -> None:
     eng = Engines(units, "release")
@@ -331,7 +324,6 @@ def test_the_next_engine_starts_once_the_stopped_ones_memory_is_free(sandbox: Sa
     assert eng.state("y")["listening_at"] >= released_at  # y started only after the driver freed x's memory
 
 
-@needs_wiring
 def test_switching_away_sleeps_and_back_wakes(sandbox: Sandbox, units: Units, router: Router) -> None:
     eng = Engines(units, "slp", sleep_kind="vllm")
     rt = router({"tpl": eng.backend()}, {m: eng.model(m, "--wake-time", "0.2", vram_gb=40) for m in ("s1", "s2")},
@@ -357,7 +349,6 @@ def test_switching_away_sleeps_and_back_wakes(sandbox: Sandbox, units: Units, ro
     assert model_states(rt)["s1"] == "loaded"
 
 
-@needs_wiring
 def test_a_failed_wake_falls_back_to_a_restart(sandbox: Sandbox, units: Units, router: Router) -> None:
     eng = Engines(units, "wakefail", sleep_kind="vllm")
     rt = router({"tpl": eng.backend()}, {"f": eng.model("f", "--fail-wake", vram_gb=40),
@@ -374,7 +365,6 @@ def test_a_failed_wake_falls_back_to_a_restart(sandbox: Sandbox, units: Units, r
     assert "wake" in rt.log_text().lower() and "out of memory" in rt.log_text()
 
 
-@needs_wiring
 def test_host_ram_pressure_stops_the_oldest_sleeper(sandbox: Sandbox, units: Units, router: Router) -> None:
     eng = Engines(units, "ram", sleep_kind="vllm")
     rt = router({"tpl": eng.backend()}, {m: eng.model(m, vram_gb=40) for m in ("r1", "r2", "r3")},
@@ -388,7 +378,6 @@ def test_host_ram_pressure_stops_the_oldest_sleeper(sandbox: Sandbox, units: Uni
     assert model_states(rt) == {"r1": "unloaded", "r2": "sleeping", "r3": "loaded"}
 
 
-@needs_wiring
 def test_switch_time_cold_start_vs_wake(sandbox: Sandbox, units: Units, router: Router,
                                         request: pytest.FixtureRequest) -> None:
     """Figures: a request that cold-starts its model vs one that wakes it, and the router's share of
