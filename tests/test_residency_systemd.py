@@ -415,7 +415,36 @@ def test_switch_time_cold_start_vs_wake(sandbox: Sandbox, units: Units, router: 
                 f"{statistics.median([e for _, e in rows]) * 1000:.0f} ms, router's share median "
                 f"{statistics.median(shares) * 1000:.0f} ms (max {max(shares) * 1000:.0f} ms), n={len(rows)}")
 
+    phases = switch_phases(rt.log_text())
     print_figures(request.config, "residency: switch time, cold start vs wake (fake engine)", [
         f"fake engine: --load-delay {load}s --wake-time {wake}s --sleep-time {nap}s",
         line("cold start", cold), line("wake", warm),
-        "router's share = request total - (engine process start + load, or the other's sleep + this wake)"])
+        "router's share = request total - (engine process start + load, or the other's sleep + this wake)",
+        *(f"{kind} switch phases, median ms (router log): "
+          + ", ".join(f"{name} {ms:.0f}" for name, ms in medians.items()) for kind, medians in phases.items())])
+
+
+def switch_phases(log_text: str) -> dict[str, dict[str, float]]:
+    """Per kind of switch (cold: a unit start; wake), the median milliseconds of each phase the router
+    logged (switch_phase events: a phase lasts until the next one, the last until switch_done)."""
+    marks: dict[int, list[tuple[str, float]]] = {}
+    took: dict[int, float] = {}
+    for text in log_text.splitlines():
+        try:
+            e = json.loads(text)
+        except ValueError:
+            continue
+        if e.get("event") == "switch_phase":
+            marks.setdefault(e["switch_id"], []).append((e["phase"], float(e["elapsed"])))
+        elif e.get("event") == "switch_done":
+            took[e["switch_id"]] = float(e["took"])
+    spans: dict[str, dict[str, list[float]]] = {}
+    for sid, seq in marks.items():
+        if sid not in took:
+            continue
+        names = [name for name, _ in seq]
+        kind = "wake" if "waking" in names else "cold" if "starting" in names else "other"
+        ends = [at for _, at in seq[1:]] + [took[sid]]
+        for (name, at), end in zip(seq, ends, strict=True):
+            spans.setdefault(kind, {}).setdefault(name, []).append(end - at)
+    return {kind: {name: statistics.median(v) * 1000 for name, v in by.items()} for kind, by in spans.items()}
