@@ -13,14 +13,15 @@ sleeping. Call /wake_up to resume." (vLLM's EngineSleepingError), so a request t
 sleeper is visible. It takes --sleep-time/--wake-time seconds; a wake fails (500, still asleep) with
 --fail-wake or while the --fail-wake-if FILE exists. The "GPU memory" it holds (--vram-gb awake, 0
 asleep) is in GET /fake/state, and in --gpu-memory-dir DIR/<pid>.json (written atomically, removed
-at exit) where a fake NVML (tests/fake_nvml/pynvml.py) reads it as this process's usedGpuMemory.
+at exit, or --release-delay S: marked to be freed S s later, like a driver slow to reclaim it) where
+a fake NVML (tests/fake_nvml/pynvml.py) reads it as this process's usedGpuMemory.
 
 Usage: fake_backend.py --port 8085 [--host 127.0.0.1] [--model-id X | --config tabby.yml]
        [--load-delay S] [--never-healthy] [--exit-code N] [--exit-after S]
        [--crash-mid-stream K] [--tokens N] [--token-rate R] [--record FILE] [--no-usage]
        [--note WORD]... [--flaky FILE]
        [--no-sleep] [--sleep-time S] [--wake-time S] [--fail-wake] [--fail-wake-if FILE]
-       [--vram-gb G] [--gpu N] [--gpu-memory-dir DIR]
+       [--vram-gb G] [--gpu N] [--gpu-memory-dir DIR] [--release-delay S]
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gpu", type=int, default=0, help="the GPU index it reports its memory on")
     ap.add_argument("--gpu-memory-dir", default=None, metavar="DIR",
                     help="write DIR/<pid>.json with the GPU memory it holds (for a fake NVML)")
+    ap.add_argument("--release-delay", type=float, default=0.0, metavar="S",
+                    help="the driver frees its GPU memory S seconds after it exits (a fake NVML counts it till then)")
     return ap.parse_args(argv)
 
 
@@ -162,6 +165,7 @@ class SleepState:
         self.last_wake_seconds: float | None = None
         self.lock = asyncio.Lock()  # one transition at a time, like the engine core
         self.startup_seconds: float | None = None  # process start -> listening (interpreter, imports)
+        self.listening_at: float | None = None  # time.time() when it began to listen
 
     def gpu_memory_gb(self) -> float:
         return 0.0 if self.sleeping else self.args.vram_gb
@@ -170,23 +174,30 @@ class SleepState:
         d = self.args.gpu_memory_dir
         return os.path.join(d, f"{os.getpid()}.json") if d else None
 
-    def write_memory(self) -> None:
+    def write_memory(self, released_at: float | None = None) -> None:
         """DIR/<pid>.json: this process's GPU memory, for a fake NVML (atomic: temp file + rename)."""
         path = self.memory_file()
         if path is None:
             return
-        data = {"pid": os.getpid(), "gpu": self.args.gpu, "model_id": self.model_id, "sleeping": self.sleeping,
-                "used_bytes": int(self.gpu_memory_gb() * 2**30)}
+        data: dict[str, Any] = {"pid": os.getpid(), "gpu": self.args.gpu, "model_id": self.model_id,
+                                "sleeping": self.sleeping, "used_bytes": int(self.gpu_memory_gb() * 2**30)}
+        if released_at is not None:
+            data["released_at"] = released_at
         tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f)
         os.replace(tmp, path)
 
     def remove_memory(self) -> None:
+        """At exit: the memory is free at once, or (--release-delay) the file says when it will be."""
         path = self.memory_file()
-        if path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        if path is None:
+            return
+        if self.args.release_delay > 0:
+            self.write_memory(released_at=time.time() + self.args.release_delay)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
     def wake_fails(self) -> bool:
         return self.args.fail_wake or bool(self.args.fail_wake_if and os.path.exists(self.args.fail_wake_if))
@@ -224,7 +235,7 @@ class SleepState:
     def as_dict(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "pid": os.getpid(), "sleeping": self.sleeping, "level": self.level,
                 "gpu": self.args.gpu, "gpu_memory_gb": self.gpu_memory_gb(), "load_seconds": self.args.load_delay,
-                "startup_seconds": self.startup_seconds,
+                "startup_seconds": self.startup_seconds, "listening_at": self.listening_at,
                 "sleeps": self.sleeps, "wakes": self.wakes, "failed_wakes": self.failed_wakes,
                 "refused_while_asleep": self.refused, "last_sleep_seconds": self.last_sleep_seconds,
                 "last_wake_seconds": self.last_wake_seconds}
@@ -524,6 +535,7 @@ async def amain(args: argparse.Namespace, model_id: str) -> int:
         return 1
     fake.state.write_memory()
     fake.state.startup_seconds = seconds_since_exec()
+    fake.state.listening_at = time.time()
     log(f"ready on http://{args.host}:{args.port} (model {model_id}, pid {os.getpid()})")
     if args.load_delay > 0 and not args.never_healthy:
         loop.call_later(args.load_delay, log, f"{model_id} loaded after {args.load_delay}s")

@@ -130,8 +130,10 @@ def test_exit_code_at_once(fake: Callable[..., Fake]) -> None:
 
 
 def test_exit_after(fake: Callable[..., Fake]) -> None:
-    f = fake("--model-id", "dies", "--exit-after", "2", "--exit-code", "4")
-    assert f.proc.wait(10) == 4
+    f = fake("--model-id", "dies", "--exit-after", "0.3", "--exit-code", "4", wait=False)
+    out, errs = f.proc.communicate(timeout=10)  # not waiting for it to listen: on a busy host it may be gone by then
+    assert f.proc.returncode == 4
+    assert "ready on http://127.0.0.1:" in out and "exiting with code 4 (--exit-after 0.3)" in errs
 
 
 def test_crash_mid_stream(fake: Callable[..., Fake]) -> None:

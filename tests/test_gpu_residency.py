@@ -150,3 +150,24 @@ async def test_without_nvml_everything_answers_at_once(monkeypatch: pytest.Monke
 
 async def test_a_gpu_that_does_not_exist_is_not_waited_for(nvml_dir: Path) -> None:
     assert await asyncio.wait_for(gpu.wait_memory_free(5, 10, timeout=30, reader=gpu.GpuReader()), 5) == (True, None)
+
+
+async def test_memory_a_stopped_engine_leaves_behind_is_waited_for(nvml_dir: Path) -> None:
+    """--release-delay: the driver gives a dead engine's memory back late; wait_memory_free sees it go."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([PYTHON, FAKE_BACKEND, "--port", str(port), "--vram-gb", "50", "--release-delay", "1.0",
+                             "--gpu-memory-dir", str(nvml_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reader = gpu.GpuReader()
+    try:
+        wait_until(lambda: gpu.unit_memory({proc.pid}, reader) == {0: 50.0}, timeout=10, what="engine's memory")
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    stopped = time.monotonic()
+    assert gpu.unit_memory({proc.pid}, reader) == {}  # no process holds it any more...
+    assert reader.memory(0) is not None and reader.memory(0)[0] < 60 * gpu.GB  # type: ignore[index]  # ...yet it is used
+    ok, free = await gpu.wait_memory_free(0, 60, timeout=10, poll=0.05, reader=reader)
+    assert ok and free == 79.5 and time.monotonic() - stopped > 0.5

@@ -10,6 +10,7 @@ its start, load, sleep and wake took, from the fake's /fake/state).
 from __future__ import annotations
 
 import functools
+import json
 import statistics
 import sys
 import threading
@@ -291,6 +292,38 @@ def test_aliases_and_unlisted(sandbox: Sandbox, units: Units, router: Router) ->
     assert sandbox.active_state(eng.unit("hidden")) == "active"
 
 
+def test_budget_from_the_driver_and_vram_measured_after_the_first_load(sandbox: Sandbox, units: Units,
+                                                                       router: Router, fake_nvml: Path) -> None:
+    """No `gpus:`: the budget is NVML's (the fake's 100 GB). A model without vram_gb is exclusive
+    until its first load has been measured (30 GB of its unit's processes), then it shares the GPU."""
+    eng = Engines(units, "measure")
+    mem = ("--gpu-memory-dir", str(fake_nvml))
+    rt = router({"tpl": eng.backend()}, {"a": eng.model("a", "--vram-gb", "40", *mem, vram_gb=40),
+                                         "m": eng.model("m", "--vram-gb", "30", *mem)})
+    with rt.client() as c:
+        assert answer(c, "a").startswith("I am a.")
+        assert answer(c, "m").startswith("I am m.")
+        assert sandbox.active_state(eng.unit("a")) == "inactive"  # m's size was unknown: it took the GPU
+        inv_m = invocation(sandbox, eng.unit("m"))
+        assert answer(c, "a").startswith("I am a.")
+    assert sandbox.active_state(eng.unit("m")) == "active" and invocation(sandbox, eng.unit("m")) == inv_m
+
+
+def test_the_next_engine_starts_once_the_stopped_ones_memory_is_free(sandbox: Sandbox, units: Units,
+                                                                      router: Router, fake_nvml: Path) -> None:
+    eng = Engines(units, "release")
+    mem = ("--gpu-memory-dir", str(fake_nvml))
+    rt = router({"tpl": eng.backend()}, {"x": eng.model("x", "--vram-gb", "60", "--release-delay", "1.5", *mem,
+                                                        vram_gb=60),
+                                         "y": eng.model("y", "--vram-gb", "60", *mem, vram_gb=60)})
+    with rt.client() as c:
+        assert answer(c, "x").startswith("I am x.")
+        x_pid = eng.state("x")["pid"]
+        assert answer(c, "y").startswith("I am y.")
+    released_at = json.loads((fake_nvml / f"{x_pid}.json").read_text())["released_at"]
+    assert eng.state("y")["listening_at"] >= released_at  # y started only after the driver freed x's memory
+
+
 def test_switching_away_sleeps_and_back_wakes(sandbox: Sandbox, units: Units, router: Router) -> None:
     eng = Engines(units, "slp", sleep_kind="vllm")
     rt = router({"tpl": eng.backend()}, {m: eng.model(m, "--wake-time", "0.2", vram_gb=40) for m in ("s1", "s2")},
@@ -382,7 +415,36 @@ def test_switch_time_cold_start_vs_wake(sandbox: Sandbox, units: Units, router: 
                 f"{statistics.median([e for _, e in rows]) * 1000:.0f} ms, router's share median "
                 f"{statistics.median(shares) * 1000:.0f} ms (max {max(shares) * 1000:.0f} ms), n={len(rows)}")
 
+    phases = switch_phases(rt.log_text())
     print_figures(request.config, "residency: switch time, cold start vs wake (fake engine)", [
         f"fake engine: --load-delay {load}s --wake-time {wake}s --sleep-time {nap}s",
         line("cold start", cold), line("wake", warm),
-        "router's share = request total - (engine process start + load, or the other's sleep + this wake)"])
+        "router's share = request total - (engine process start + load, or the other's sleep + this wake)",
+        *(f"{kind} switch phases, median ms (router log): "
+          + ", ".join(f"{name} {ms:.0f}" for name, ms in medians.items()) for kind, medians in phases.items())])
+
+
+def switch_phases(log_text: str) -> dict[str, dict[str, float]]:
+    """Per kind of switch (cold: a unit start; wake), the median milliseconds of each phase the router
+    logged (switch_phase events: a phase lasts until the next one, the last until switch_done)."""
+    marks: dict[int, list[tuple[str, float]]] = {}
+    took: dict[int, float] = {}
+    for text in log_text.splitlines():
+        try:
+            e = json.loads(text)
+        except ValueError:
+            continue
+        if e.get("event") == "switch_phase":
+            marks.setdefault(e["switch_id"], []).append((e["phase"], float(e["elapsed"])))
+        elif e.get("event") == "switch_done":
+            took[e["switch_id"]] = float(e["took"])
+    spans: dict[str, dict[str, list[float]]] = {}
+    for sid, seq in marks.items():
+        if sid not in took:
+            continue
+        names = [name for name, _ in seq]
+        kind = "wake" if "waking" in names else "cold" if "starting" in names else "other"
+        ends = [at for _, at in seq[1:]] + [took[sid]]
+        for (name, at), end in zip(seq, ends, strict=True):
+            spans.setdefault(kind, {}).setdefault(name, []).append(end - at)
+    return {kind: {name: statistics.median(v) * 1000 for name, v in by.items()} for kind, by in spans.items()}

@@ -4,7 +4,8 @@ Put tests/fake_nvml first on PYTHONPATH (or in sys.modules["pynvml"]) and set FA
 - FAKE_NVML_DIR/gpus.json: [{"index": 0, "name": "...", "total_gb": 80, "base_used_gb": 0.5}, ...]
   (absent: one 80 GiB GPU);
 - FAKE_NVML_DIR/<pid>.json: {"pid": N, "gpu": 0, "used_bytes": B}, as tests/fake_backend.py
-  --gpu-memory-dir writes it; a file whose process is gone does not count.
+  --gpu-memory-dir writes it; a file whose process is gone does not count, unless it has
+  "released_at" (a time.time()): then its memory stays used (by no listed process) until then.
 Without FAKE_NVML_DIR (or without that directory) nvmlInit fails like a host without a driver.
 Only the calls router/gpu.py makes are here; the sensors it treats as optional raise NotSupported.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -57,7 +59,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _processes(index: int) -> list[SimpleNamespace]:
+def _entries(index: int) -> list[dict[str, Any]]:
     out = []
     for path in sorted(_dir().glob("*.json")):
         if path.name == "gpus.json":
@@ -66,9 +68,21 @@ def _processes(index: int) -> list[SimpleNamespace]:
             entry = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):  # removed or being replaced right now
             continue
-        if entry.get("gpu", 0) == index and _alive(int(entry["pid"])):
-            out.append(SimpleNamespace(pid=int(entry["pid"]), usedGpuMemory=int(entry["used_bytes"])))
+        if entry.get("gpu", 0) == index:
+            out.append(entry)
     return out
+
+
+def _processes(index: int) -> list[SimpleNamespace]:
+    return [SimpleNamespace(pid=int(e["pid"]), usedGpuMemory=int(e["used_bytes"]))
+            for e in _entries(index) if _alive(int(e["pid"]))]
+
+
+def _lingering(index: int) -> int:
+    """Bytes of exited processes the driver has not given back yet."""
+    now = time.time()
+    return sum(int(e["used_bytes"]) for e in _entries(index)
+               if "released_at" in e and now < float(e["released_at"]) and not _alive(int(e["pid"])))
 
 
 def nvmlInit() -> None:
@@ -96,7 +110,8 @@ def nvmlDeviceGetName(handle: int) -> str:
 def nvmlDeviceGetMemoryInfo(handle: int) -> SimpleNamespace:
     gpu = _gpus()[handle]
     total = int(float(gpu.get("total_gb", 80)) * GB)
-    used = int(float(gpu.get("base_used_gb", 0)) * GB) + sum(p.usedGpuMemory for p in _processes(handle))
+    used = (int(float(gpu.get("base_used_gb", 0)) * GB) + sum(p.usedGpuMemory for p in _processes(handle))
+            + _lingering(handle))
     return SimpleNamespace(total=total, used=min(used, total), free=max(total - used, 0))
 
 
