@@ -29,7 +29,7 @@ from router.config import Backend, Config, Model
 from router.events import EventBus, ModelState, QueueDepth, SwitchEnded, SwitchProgress
 from router.execstart import DROPIN_NAME, dropin_model_id, needs_dropin
 from router.executor import HealthProbe, PlanExecutor, SwitchRun
-from router.scheduler import LoadFailure, Scheduler, Switch, Ticket
+from router.scheduler import PRIORITIES, LoadFailure, Scheduler, Switch, Ticket
 from router.systemd import SystemdError
 
 log = structlog.get_logger("router.switcher")
@@ -276,6 +276,12 @@ class Switcher:
             return "loaded"
         return "failed" if model_id in s.cooldowns else "unloaded"
 
+    def unload(self, model_id: str) -> Ticket:
+        """Unload `model_id` (POST /models/unload); follow the ticket with next_update (Unloaded or Failed),
+        then done(ticket). Residency holds one model today, so this unloads the loaded one (the caller checked
+        that it is `model_id`), queued ahead of waiting requests: a model loaded for them is not the one unloaded."""
+        return self.submit(None, PRIORITIES["high"])
+
     # --- Effects: called by the scheduler, inside the run loop --------------------------------
 
     def _send(self, ticket: Ticket, update: Update) -> None:
@@ -396,7 +402,8 @@ class Switcher:
         self.events.emit(SwitchEnded(switch.id, self._seen[0], switch.target, outcome, round(took, 3),
                                      run.load_seconds, error.message(display) if error else None))
         if error is not None and switch.target is not None:
-            self.events.emit(ModelState(switch.target, "failed", switch.plan.start, error.message(display)))
+            self.events.emit(ModelState(switch.target, "failed", switch.plan.start, error.message(display),
+                                        error.exit_code))
         if self.run_info is run:
             self.run_info = None
         self._post(self._check_bus)  # a switch that failed for an unreachable bus: the queue learns it first
