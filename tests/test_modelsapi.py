@@ -41,9 +41,9 @@ from fakes import FakeProbe, FakeSystemd
 from router import journal
 from router.app import create_app
 from router.config import Backend, Config, Model, SwitchSettings, SystemdSettings
+from router.events import ModelState
 from router.gpu import GpuReader, GpuSnapshot
 from router.modelsapi import sse_event
-from router.events import ModelState
 from router.observability import Observability
 from router.switcher import Switcher
 
@@ -99,7 +99,7 @@ async def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.F
 
     monkeypatch.setattr(journal, "tail", no_journal)
     keys = getattr(request, "param", {"api_key": "client", "admin_api_keys": ("boss",)})
-    keys = {**keys, "api_keys": tuple(keys.get("api_keys", ())) + ("boss",)}  # the admin key reads too
+    keys = {**keys, "api_keys": (*keys.get("api_keys", ()), "boss")}  # the admin key reads too
     config = make_config(tmp_path, **keys)
     ready_in: dict[str, float] = {}
     systemd = FakeSystemd(tmp_path, lambda unit: "http://127.0.0.1:9", lambda m: ready_in.get(m or "", 0.0))
