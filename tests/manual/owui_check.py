@@ -7,11 +7,14 @@ page in Debian's headless Chromium: sets the connection's Provider to llama.cpp 
 dialog, checks the loaded marker in the model selector, clicks Eject, checks that the router unloaded
 the model and the unit stopped, and chats with tiny-b. Screenshots go to build/owui-check/.
 
-    sudo .venv/bin/python tests/manual/owui_check.py \
+    sudo .venv/bin/python tests/manual/owui_check.py --provider-from-env \
         --open-webui /opt/owui/bin/open-webui --playwright-python /opt/owui-check/bin/python
 
-(/opt/owui: `python3 -m venv /opt/owui && /opt/owui/bin/pip install open-webui`; /opt/owui-check:
-a venv with `playwright httpx`.)
+(/opt/owui: `python3 -m venv /opt/owui && /opt/owui/bin/pip install open-webui`, with the CPU build of
+torch installed first so that pip does not bring CUDA's; /opt/owui-check: a venv with `playwright httpx`.)
+`--provider-from-env` sets the provider with OPENAI_API_CONFIGS instead of the Edit Connection dialog:
+driving the dialog (a client-side navigation to /admin/settings/connections) did not work yet, the page
+stayed on the chat. Open WebUI takes 2-3 minutes to start on a busy 2-core machine.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def main() -> int:
     parser.add_argument("--open-webui", default="/opt/owui/bin/open-webui")
     parser.add_argument("--playwright-python", default="/opt/owui-check/bin/python")
     parser.add_argument("--out", default=str(REPO / "build" / "owui-check"))
+    parser.add_argument("--provider-from-env", action="store_true",
+                        help="set the connection's provider with OPENAI_API_CONFIGS instead of the admin UI")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,6 +71,7 @@ def check(sbx: object, units: Units, tmp: Path, out: Path, args: argparse.Namesp
     env = {**os.environ, "DATA_DIR": str(tmp / "owui-data"), "WEBUI_AUTH": "False", "OFFLINE_MODE": "true",
            "HF_HUB_OFFLINE": "1", "ENABLE_OLLAMA_API": "False", "ENABLE_OPENAI_API": "True",
            "OPENAI_API_BASE_URLS": rt.url + "/v1", "OPENAI_API_KEYS": KEY,
+           **({"OPENAI_API_CONFIGS": '{"0": {"provider": "llama.cpp"}}'} if args.provider_from_env else {}),
            "RAG_EMBEDDING_MODEL_AUTO_UPDATE": "False", "RAG_RERANKING_MODEL_AUTO_UPDATE": "False",
            "RAG_EMBEDDING_ENGINE": "openai", "ENABLE_VERSION_UPDATE_CHECK": "False", "ENABLE_WEB_SEARCH": "False",
            "ENABLE_TITLE_GENERATION": "False", "ENABLE_FOLLOW_UP_GENERATION": "False",
