@@ -95,56 +95,55 @@ def set_provider_in_the_ui(page: Page, owui: str, out: Path) -> bool:
 
 def checks(page: Page, owui: str, router: str, key: str, out: Path) -> bool:
     ok = True
-    if True:  # one block per check below
-        page.goto(owui + "/")
-        page.wait_for_load_state("load")
-        page.locator(SELECTOR).first.wait_for(timeout=60000)
-        page.wait_for_timeout(1000)
-        dismiss_popups(page)
-        page.screenshot(path=str(out / "0-home.png"))
+    page.goto(owui + "/")
+    page.wait_for_load_state("load")
+    page.locator(SELECTOR).first.wait_for(timeout=60000)
+    page.wait_for_timeout(1000)
+    dismiss_popups(page)
+    page.screenshot(path=str(out / "0-home.png"))
 
-        token = page.evaluate("localStorage.token")
-        config = httpx.get(f"{owui}/openai/config", headers={"authorization": f"Bearer {token}"}, timeout=10).json()
-        if (config.get("OPENAI_API_CONFIGS") or {}).get("0", {}).get("provider") == "llama.cpp":
-            say("provider llama.cpp set from OPENAI_API_CONFIGS (the Edit Connection dialog not driven)", True)
-        else:
-            ok &= set_provider_in_the_ui(page, owui, out)
-        # 2. the selector marks the loaded model (tiny-a, loaded before Open WebUI started), not the other
-        open_selector(page, owui)
-        page.screenshot(path=str(out / "2-selector-loaded.png"))
-        a, b = marker_of(page, "tiny-a"), marker_of(page, "tiny-b")
-        ok &= say("loaded marker on tiny-a only", a and not b, tiny_a=a, tiny_b=b,
-                  router_tiny_a=router_status(router, key, "tiny-a"))
+    token = page.evaluate("localStorage.token")
+    config = httpx.get(f"{owui}/openai/config", headers={"authorization": f"Bearer {token}"}, timeout=10).json()
+    if (config.get("OPENAI_API_CONFIGS") or {}).get("0", {}).get("provider") == "llama.cpp":
+        say("provider llama.cpp set from OPENAI_API_CONFIGS (the Edit Connection dialog not driven)", True)
+    else:
+        ok &= set_provider_in_the_ui(page, owui, out)
+    # 2. the selector marks the loaded model (tiny-a, loaded before Open WebUI started), not the other
+    open_selector(page, owui)
+    page.screenshot(path=str(out / "2-selector-loaded.png"))
+    a, b = marker_of(page, "tiny-a"), marker_of(page, "tiny-b")
+    ok &= say("loaded marker on tiny-a only", a and not b, tiny_a=a, tiny_b=b,
+              router_tiny_a=router_status(router, key, "tiny-a"))
 
-        # 3. Eject: hover the row, click the Eject button; the router unloads tiny-a
-        row = page.locator('[aria-label="Select tiny-a model"]')
-        row.hover()
-        eject = row.locator('[aria-label="Eject model"]')
-        ok &= say("Eject button shown for the loaded model", eject.count() == 1)
-        eject.click()
-        toast = page.get_by_text("Model unloaded successfully")
-        toast.wait_for(timeout=30000)
-        page.screenshot(path=str(out / "3-after-eject.png"))
-        state = router_status(router, key, "tiny-a")
-        ok &= say("Eject unloaded tiny-a in the router", state == "unloaded", router_tiny_a=state)
-        open_selector(page, owui)
-        page.screenshot(path=str(out / "4-selector-after-eject.png"))
-        ok &= say("no loaded marker after Eject", not marker_of(page, "tiny-a") and not marker_of(page, "tiny-b"))
+    # 3. Eject: hover the row, click the Eject button; the router unloads tiny-a
+    row = page.locator('[aria-label="Select tiny-a model"]')
+    row.hover()
+    eject = row.locator('[aria-label="Eject model"]')
+    ok &= say("Eject button shown for the loaded model", eject.count() == 1)
+    eject.click()
+    toast = page.get_by_text("Model unloaded successfully")
+    toast.wait_for(timeout=30000)
+    page.screenshot(path=str(out / "3-after-eject.png"))
+    state = router_status(router, key, "tiny-a")
+    ok &= say("Eject unloaded tiny-a in the router", state == "unloaded", router_tiny_a=state)
+    open_selector(page, owui)
+    page.screenshot(path=str(out / "4-selector-after-eject.png"))
+    ok &= say("no loaded marker after Eject", not marker_of(page, "tiny-a") and not marker_of(page, "tiny-b"))
 
-        # 4. a chat with tiny-b loads it; the selector marks it after the models are read again
-        page.locator('[aria-label="Select tiny-b model"]').click()
-        page.locator("#chat-input").click()
-        page.keyboard.type("hello")
-        page.keyboard.press("Enter")
-        deadline = time.monotonic() + 60
-        while router_status(router, key, "tiny-b") != "loaded" and time.monotonic() < deadline:
-            time.sleep(0.5)
-        page.wait_for_timeout(3000)
-        page.screenshot(path=str(out / "5-chat-tiny-b.png"))
-        open_selector(page, owui)
-        page.screenshot(path=str(out / "6-selector-tiny-b.png"))
-        ok &= say("a chat loads tiny-b and the marker follows", marker_of(page, "tiny-b")
-                  and not marker_of(page, "tiny-a"), router_tiny_b=router_status(router, key, "tiny-b"))
+    # 4. a chat with tiny-b loads it; the selector marks it after the models are read again
+    page.locator('[aria-label="Select tiny-b model"]').click()
+    page.locator("#chat-input").click()
+    page.keyboard.type("hello")
+    page.keyboard.press("Enter")
+    deadline = time.monotonic() + 60
+    while router_status(router, key, "tiny-b") != "loaded" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    page.wait_for_timeout(3000)
+    page.screenshot(path=str(out / "5-chat-tiny-b.png"))
+    open_selector(page, owui)
+    page.screenshot(path=str(out / "6-selector-tiny-b.png"))
+    ok &= say("a chat loads tiny-b and the marker follows", marker_of(page, "tiny-b")
+              and not marker_of(page, "tiny-a"), router_tiny_b=router_status(router, key, "tiny-b"))
     return ok
 
 
