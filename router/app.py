@@ -20,6 +20,7 @@ from starlette.routing import Route
 from router import gpu
 from router.chunks import error_body, strip_history
 from router.config import Config
+from router.modelsapi import ModelsApi
 from router.observability import Observability
 from router.proxy import Call, Relay, upstream_headers
 from router.requestbody import BadBody, ClientLeft, check_stream, parse_body, read_body
@@ -93,7 +94,7 @@ class Api:
         async def wrapper(request: Request) -> Response:
             if not self._authorized(request, admin):
                 if admin and self.switcher.config.admin_api_keys:
-                    which = "one of the admin_api_keys from config.yml (client keys do not open /admin)"
+                    which = f"one of the admin_api_keys from config.yml (client keys do not open {request.url.path})"
                 else:
                     which = "one of the API keys (api_key or api_keys in config.yml, or $LLM_ROUTER_API_KEYS_FILE)"
                 return JSONResponse(error_body(f"Missing or wrong API key: send `Authorization: Bearer <key>` "
@@ -103,13 +104,6 @@ class Api:
         return wrapper
 
     # --- OpenAI endpoints ---------------------------------------------------------------------
-
-    async def models(self, request: Request) -> Response:
-        config = self.switcher.config
-        data = [{"id": m.id, "object": "model", "created": 0, "owned_by": "llm-router",
-                 "name": m.display_name, "state": self.switcher.model_state(m.id),
-                 "backend": m.backend, "unit": config.unit_of(m)} for m in config.models.values() if not m.unlisted]
-        return JSONResponse({"object": "list", "data": data})
 
     async def chat(self, request: Request) -> Response:
         return await self._complete(request, "/v1/chat/completions", "messages")
@@ -329,9 +323,9 @@ def _ndjson(obj: dict[str, Any]) -> bytes:
 def create_app(switcher: Switcher, upstream: Upstream, observability: Observability | None = None) -> Starlette:
     api = Api(switcher, upstream)
     g = api.guarded
-    routes = [
+    models = ModelsApi(switcher, observability.stopping if observability else None)
+    routes = models.routes(g) + [  # /models, /v1/models[/{id}], /models/{load,unload,sse}
         Route("/health", api.health, methods=["GET"]),
-        Route("/v1/models", g(api.models), methods=["GET"]),
         Route("/v1/chat/completions", g(api.chat), methods=["POST"]),
         Route("/v1/completions", g(api.completions), methods=["POST"]),
         Route("/v1/embeddings", g(api.embeddings), methods=["POST"]),
@@ -353,7 +347,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         message = (f"No such endpoint: {request.url.path}. The router serves /v1/models, /v1/chat/completions, "
-                   "/v1/completions, /v1/embeddings, /health, /status and /admin/{load,unload}.")
+                   "/v1/completions, /v1/embeddings, /health, /status, /models, /models/{load,unload,sse} "
+                   "and /admin/{load,unload}.")
     elif exc.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}."
     else:

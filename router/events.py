@@ -26,6 +26,7 @@ class ModelState:
     state: ModelStateName
     unit: str | None = None
     error: str | None = None  # with state "failed": the message users see
+    exit_code: int | None = None  # with state "failed": the engine's exit status, when its unit exited
 
 
 @dataclass(frozen=True)

@@ -382,7 +382,7 @@ class PlanExecutor:
         lines = await journal_tail(state)
         return LoadFailure(model.id, unit, f"{what}.",
                            f"Fix the model's command in models.yml or the backend; `{config.journalctl(unit)}` "
-                           "has the whole log.", tuple(lines), transient=transient)
+                           "has the whole log.", tuple(lines), transient=transient, exit_code=exit_code(state))
 
 
 def systemd_failure(config: Config, target: str, unit: str | None, error: SystemdError) -> LoadFailure:
@@ -402,6 +402,15 @@ def systemd_failure(config: Config, target: str, unit: str | None, error: System
 async def journal_tail(state: UnitState) -> list[str]:
     """The last journal lines of the unit's latest run (matched by invocation, and by PID since start)."""
     return await journal.tail(state.invocation_id, pid=state.exec_main_pid, since_us=state.exec_main_start_us)
+
+
+def exit_code(state: UnitState) -> int | None:
+    """The engine's exit status as a shell gives it (128+N: killed by signal N); None: it did not exit."""
+    if state.result == "exit-code":
+        return state.exec_main_status
+    if state.result in ("signal", "core-dump"):
+        return 128 + state.exec_main_status
+    return None
 
 
 def describe(state: UnitState) -> str:

@@ -70,6 +70,7 @@ class LoadFailure:
     transient: bool = False  # the unit started and went away: worth one more try for the same requests
     cooldown: bool = True  # the model's fault: later requests fail at once for switch.failure_cooldown
     note: str = ""  # said after `what`, e.g. "(failed 12 s ago; next try in 18 s)"
+    exit_code: int | None = None  # the engine's exit status when its unit exited (128+N: killed by signal N)
 
     def message(self, display: str | None = None) -> str:
         unit = f" (unit {self.unit})" if self.unit else ""
@@ -470,7 +471,8 @@ class Scheduler:
         ago = now - cooldown.at
         note = f"(failed {ago:.0f} s ago; next try in {max(left, 1):.0f} s)"
         f = cooldown.failure
-        return LoadFailure(f.model, f.unit, f.what, f.hint, f.journal, f.code, cooldown=False, note=note)
+        return LoadFailure(f.model, f.unit, f.what, f.hint, f.journal, f.code, cooldown=False, note=note,
+                           exit_code=f.exit_code)
 
     def _needs_switch(self, ticket: Ticket) -> bool:
         return ticket.unload or self.state_of(ticket.model or "") != "loaded"

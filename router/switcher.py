@@ -30,7 +30,7 @@ from router.config import Backend, Config, Model
 from router.events import EventBus, ModelState, QueueDepth, SwitchEnded, SwitchProgress
 from router.execstart import DROPIN_NAME, dropin_model_id, needs_dropin
 from router.executor import HealthProbe, MemoryProbe, PlanExecutor, SleepDriver, SwitchRun
-from router.scheduler import LoadFailure, Scheduler, Switch, SwitchOutcome, Ticket
+from router.scheduler import PRIORITIES, LoadFailure, Scheduler, Switch, SwitchOutcome, Ticket
 from router.systemd import SystemdError
 
 log = structlog.get_logger("router.switcher")
@@ -232,8 +232,9 @@ class Switcher:
 
     def unload(self, model_id: str | None) -> Ticket:
         """Unload one model (None: every model): it leaves the GPU and its unit stops, even a persistent
-        one; waits for its responses in flight. Read the outcome with next_update: Unloaded or Failed."""
-        return self.submit(model_id, unload=True)
+        one; waits for its responses in flight. Read the outcome with next_update: Unloaded or Failed, then
+        done(ticket). Queued ahead of waiting requests (high priority)."""
+        return self.submit(model_id, PRIORITIES["high"], unload=True)
 
     def _on_request(self, ticket: Ticket) -> None:
         self._check_bus()
@@ -422,7 +423,8 @@ class Switcher:
         self.events.emit(SwitchEnded(switch.id, evicted, switch.target, result, round(took, 3),
                                      run.load_seconds, error.message(display) if error else None))
         if error is not None and switch.target is not None:
-            self.events.emit(ModelState(switch.target, "failed", switch.plan.start, error.message(display)))
+            self.events.emit(ModelState(switch.target, "failed", switch.plan.start, error.message(display),
+                                        error.exit_code))
         if self.run_info is run:
             self.run_info = None
         self._post(self._check_bus)  # a switch that failed for an unreachable bus: the queue learns it first

@@ -22,6 +22,7 @@ from router import app as app_module
 from router import httpserver
 from router.config import Backend, Config, Limits, Model
 from router.daemon import _Server, uvicorn_config
+from router.events import EventBus
 from router.requestbody import MAX_JSON_DEPTH
 
 pytestmark = pytest.mark.timeout(30)
@@ -47,6 +48,7 @@ class FakeSwitcher:
         self.scheduler = FakeScheduler()
         self.submitted: list[str | None] = []
         self.released = 0
+        self.events = EventBus()
 
     systemd = None  # /health reads `connected` from it (absent: reachable)
 
