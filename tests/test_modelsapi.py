@@ -324,8 +324,9 @@ async def test_sse_sends_each_status_change_of_a_switch_in_llama_cpp_format(rig:
             switch = await asyncio.wait_for(read_events(lines, 3), 5)
     assert first == [{"model": "a", "event": "model_status", "data": {"status": "loading"}},
                      {"model": "a", "event": "status_change", "data": {"status": "loaded"}}]
-    assert switch == [{"model": "a", "event": "status_change", "data": {"status": "unloaded", "exit_code": 0}},
-                      {"model": "b", "event": "model_status", "data": {"status": "loading"}},
+    # b is loading while a is being stopped to make room; a is unloaded before b is loaded
+    assert switch == [{"model": "b", "event": "model_status", "data": {"status": "loading"}},
+                      {"model": "a", "event": "status_change", "data": {"status": "unloaded", "exit_code": 0}},
                       {"model": "b", "event": "status_change", "data": {"status": "loaded"}}]
 
 
