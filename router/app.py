@@ -24,6 +24,7 @@ from router.observability import Observability
 from router.proxy import Call, Relay, upstream_headers
 from router.requestbody import BadBody, ClientLeft, check_stream, parse_body, read_body
 from router.scheduler import PRIORITIES
+from router.statuspage import index, models_overview
 from router.switcher import Failed, Granted, Status, Switcher, failure_status
 from router.upstream import Upstream
 
@@ -228,6 +229,7 @@ class Api:
             "run_loop": {"alive": self.switcher.alive, "handler_errors": self.switcher.handler_errors},
             "systemd_bus": {"connected": getattr(self.switcher.systemd, "connected", True),
                             "last_error": getattr(self.switcher.systemd, "last_error", None)},
+            "models": models_overview(self.switcher),
             "units": units, "last_switch": self.switcher.last_switch, "switches": s.switches_started,
             "gpu": await asyncio.to_thread(gpu.snapshot), "config_dir": str(config.config_dir),
             "config": {"loaded_at": round(self.switcher.config_loaded_at, 3),
@@ -304,6 +306,7 @@ def create_app(switcher: Switcher, upstream: Upstream, observability: Observabil
     api = Api(switcher, upstream)
     g = api.guarded
     routes = [
+        Route("/", index, methods=["GET"]),  # the status page, for browsers (router/statuspage.py)
         Route("/health", api.health, methods=["GET"]),
         Route("/v1/models", g(api.models), methods=["GET"]),
         Route("/v1/chat/completions", g(api.chat), methods=["POST"]),
