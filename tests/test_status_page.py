@@ -24,6 +24,7 @@ from router.config import SLEEP_KINDS, Backend, Config, Model, SystemdSettings
 from router.statuspage import page, wants_html
 from router.switcher import Switcher
 from router.systemd import UnitState
+from router.upstream import Upstream
 
 ARTIFACTS = Path(os.environ.get("LLM_ROUTER_TEST_ARTIFACTS", REPO / "build" / "test-artifacts"))
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
@@ -50,7 +51,7 @@ async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     async def probe(url: str, timeout: float) -> bool:
         return True
 
-    app = create_app(Switcher(config, StubSystemd(), probe), httpx.AsyncClient())
+    app = create_app(Switcher(config, StubSystemd(), probe), Upstream())  # no session until a request is relayed
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as c:
         yield c
 
@@ -114,7 +115,7 @@ def state_of(model: str) -> str:
 async def test_the_page_follows_a_switch_in_chromium(units: Any, router: Any, tmp_path: Path) -> None:
     if chromium_path() is None:
         pytest.skip("no chromium on PATH (Debian: apt-get install chromium; tests/run.sh installs it as root)")
-    per_model = {"m-a": {"name": "Model A", "args": ["--load-delay", "2.2", "--tokens", "12",
+    per_model: dict[str, dict[str, Any]] = {"m-a": {"name": "Model A", "args": ["--load-delay", "2.2", "--tokens", "12",
                                                                    "--token-rate", "200"]},
                  "m-b": {"name": "<b>B</b> & <img src=x onerror=alert(1)>"},  # shown as text, never as HTML
                  "m-bad": {"name": "Broken", "args": ["--exit-code", "3"], "load_timeout": 10}}
