@@ -148,6 +148,10 @@ async def test_the_page_follows_a_switch_in_chromium(units: Any, router: Any, tm
                                   what="a request row")
         assert row[1] == "Model A" and row[2] == "/v1/chat/completions" and row[3] == "200 ok", row
         assert row[4] != "—" and row[5].endswith(" s") and row[6] == "12", row  # tok/s, TTFT, tokens
+        # the re-read after a request: its figures in the models table, nothing left serving
+        await page.wait_for("document.querySelector('#models tr[data-model=\"m-a\"]').cells[7].textContent === '1'",
+                            what="m-a's request counted in the models table")
+        assert await page.evaluate("document.querySelector('#queues tr[data-model=\"m-a\"]')") is None
         await page.screenshot(ARTIFACTS / "status-page-switch.png")
 
         # the buttons, with the admin key: Unload unloads; Load of an engine that exits fails with its journal tail
