@@ -62,8 +62,10 @@ Options:
                       two tiny generated models (tiny-a, tiny-b) on one llama.cpp unit, a router on
                       127.0.0.1:8002, all as units of your systemd user manager, or, when none is
                       reachable (container, CI, PID 1 not systemd), of a private systemd user
-                      manager the demo starts itself (that needs root). Prints a curl command and
-                      the Open WebUI URL.
+                      manager the demo starts itself (that needs root). Prints a curl command,
+                      the Open WebUI URL and the status page. Its models have 8,192 tokens of
+                      context. A demo that already runs in --demo-dir is left alone (stop it
+                      first); a port in use is refused, naming the process that holds it.
   --demo-dir DIR      where the demo keeps its venv, models, config and state (default ./.demo)
   --sandbox           with --demo: always use a private systemd user manager (needs root), even if
                       your own user manager runs; only where systemd is not PID 1
@@ -503,6 +505,7 @@ do_install() {
     note "models:   $VENV/bin/llm-router models --config-dir $CONFIG_DIR"
     note "config:   edit $CONFIG_DIR/models.yml, then \`${SCTL_HINT} reload llm-router\` (it fails, saying why, if the router refuses the files)"
     note "logs:     $JOURNAL_CMD -f"
+    note "status:   $local_url/ in a browser (the status page)"
     if [ "$USER_MODE" = 1 ] && [ "$(id -u)" != 0 ] && command -v loginctl >/dev/null \
         && [ "$(loginctl show-user "$(id -un)" -p Linger --value 2>/dev/null)" = no ]; then
         note "boot:     your user manager (and the router) runs only while you are logged in; to keep it"
@@ -659,12 +662,42 @@ DEMO_STARTED_MANAGER=${DEMO_STARTED_MANAGER:-0}
 EOF
 }
 
+# demo_py ARGS: router.demo.run from this checkout with the system's Python (before the demo's venv exists)
+demo_py() { PYTHONPATH=$REPO "$PYTHON" -m router.demo.run "$@"; }
+
+# demo_lock: one install.sh at a time per demo directory (a second --demo or --stop while one works says so)
+demo_lock() {
+    command -v flock >/dev/null || return 0
+    local dir=/run/lock
+    [ -d "$dir" ] && [ -w "$dir" ] || dir=${TMPDIR:-/tmp}
+    DEMO_LOCK=$dir/llm-router-demo.$(printf '%s' "$DEMO_DIR" | sha256sum | cut -c1-16).lock
+    exec 8>>"$DEMO_LOCK"
+    if ! flock -n 8; then
+        die "another ./install.sh --demo is working on $DEMO_DIR right now (pid $(tr -dc 0-9 < "$DEMO_LOCK" 2>/dev/null || echo '?')): wait for it to finish"
+    fi
+    printf '%s\n' "$$" > "$DEMO_LOCK"
+}
+
 demo_start() {
     demo_paths
+    check_python "$PYTHON"
+    local port=${PORT:-8002} held code
     if [ -e "$DEMO_STATE" ]; then
-        say "A demo is already set up in $DEMO_DIR: stopping it first"
+        # a demo from before: running (its router holds its port) -> say so and stop; else clean it up
+        local DEMO_PORT=
+        DEMO_PORT=$(. "$DEMO_STATE" && echo "${DEMO_PORT:-}")
+        code=0
+        [ -z "$DEMO_PORT" ] || held=$(demo_py check-port "$DEMO_PORT" --demo-config "$DEMO_DIR/config") || code=$?
+        if [ "$code" = 3 ]; then
+            die "a demo is already running in $DEMO_DIR: its router ($held) answers on http://127.0.0.1:$DEMO_PORT. Use it, or stop it first: $0 --demo --stop$( [ "$DEMO_DIR" = "$REPO/.demo" ] || echo " --demo-dir $DEMO_DIR")"
+        fi
+        say "A demo was set up in $DEMO_DIR but is not running: removing it first"
         demo_stop 1
     fi
+    # the router's port, before anything is installed or built
+    code=0
+    held=$(demo_py check-port "$port") || code=$?
+    [ "$code" = 0 ] || die "the demo's port is taken: $held. Stop that, or choose another port with --port"
     # where do the units run? your user manager; as root on a host whose PID 1 is systemd, root's own
     # (user@0.service, started for the demo); else (a container, CI, PID 1 not systemd) a private one
     local state why
@@ -724,16 +757,17 @@ demo_start() {
     "$RUN_PY" -m router.demo.tiny_gguf "$DEMO_DIR/models/tiny-a.gguf" --seed 1 | sed 's/^/    /'
     "$RUN_PY" -m router.demo.tiny_gguf "$DEMO_DIR/models/tiny-b.gguf" --seed 2 | sed 's/^/    /'
 
-    local port=${PORT:-8002} backend_port
-    "$RUN_PY" -m router.demo.run port-free "$port" \
-        || die "port $port is in use (an installed llm-router?): choose another with --port"
+    local backend_port
+    code=0
+    held=$("$RUN_PY" -m router.demo.run check-port "$port") || code=$?
+    [ "$code" = 0 ] || die "the demo's port was taken while the demo was being built: $held. Choose another with --port"
     backend_port=$("$RUN_PY" -m router.demo.run free-port --start 8085)
     [ "$backend_port" != "$port" ] || backend_port=$("$RUN_PY" -m router.demo.run free-port --start $((port + 1)))
 
     if [ "$DEMO_MANAGER" = sandbox ]; then
         say "Starting a private systemd user manager (router/demo/systemd-sandbox.sh)"
         "$SBX_SCRIPT" gc >/dev/null 2>&1 || true
-        "$SBX_SCRIPT" start "$SBX_DIR" > "$TMP/sbx.out" || die "the private systemd manager did not start (see above and $SBX_DIR/log/)"
+        "$SBX_SCRIPT" start "$SBX_DIR" > "$TMP/sbx.out" 8>&- || die "the private systemd manager did not start (see above and $SBX_DIR/log/)"
         DEMO_UNIT_DIR=$SBX_DIR/config/systemd/user
     else
         DEMO_UNIT_DIR=$XDG_CONFIG/systemd/user
@@ -783,6 +817,7 @@ demo_start() {
     echo "      -d '{\"model\": \"tiny-a\", \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'"
     echo "    $VENV/bin/llm-router switch tiny-b --url $url     # switch back ahead of time, with progress lines"
     echo "    $VENV/bin/llm-router status --url $url"
+    echo "Status page: $url/     (in a browser: models, the switch as it happens, requests, errors)"
     echo "Open WebUI: Admin Panel -> Settings -> Connections -> OpenAI API -> add a connection:"
     echo "    URL: $url/v1     (Open WebUI in Docker: run it with --network=host)"
     echo "    Key: anything"
@@ -804,6 +839,8 @@ demo_failed() {
 # ======================================================================================================
 set_paths
 if [ "$DEMO" = 1 ]; then
+    demo_paths
+    demo_lock
     if [ "$STOP" = 1 ]; then demo_stop; else demo_start; fi
 elif [ "$UNINSTALL" = 1 ]; then
     do_uninstall

@@ -25,6 +25,7 @@ from router.observability import Observability
 from router.proxy import Call, Relay, upstream_headers
 from router.requestbody import BadBody, ClientLeft, check_stream, parse_body, read_body
 from router.scheduler import PRIORITIES
+from router.statuspage import index, models_overview
 from router.switcher import Failed, Granted, Status, Switcher, failure_status
 from router.upstream import Upstream
 
@@ -218,21 +219,14 @@ class Api:
         cooldowns = {m: {"error": c.failure.message(), "failed_ago": round(now - c.at, 1),
                          "retry_in": round(max(c.at + config.switch.failure_cooldown - now, 0), 1)}
                      for m, c in s.cooldowns.items()}
-        models = {}
-        for m in config.models.values():
-            r = s.resident.get(m.id)
-            models[m.id] = {"state": self.switcher.model_state(m.id), "unit": config.unit_of(m),
-                            "vram_gb": m.vram_gb, "measured_gb": s.measured.get(m.id), "gpu": m.gpu,
-                            "persistent": m.persistent, "serving": s.serving.get(m.id, 0),
-                            "idle_for": round(now - r.last_used, 1) if r is not None and not s.serving.get(m.id)
-                            else None}
         return JSONResponse({
-            "active_model": s.active, "models": models, "switch": switch, "queued": queued, "serving": dict(s.serving),
+            "active_model": s.active, "switch": switch, "queued": queued, "serving": dict(s.serving),
             "waiting": {m: {"requests": n, "oldest_wait": round(oldest.get(m, 0.0), 3)} for m, n in waiting.items()},
             "cooldowns": cooldowns,
             "run_loop": {"alive": self.switcher.alive, "handler_errors": self.switcher.handler_errors},
             "systemd_bus": {"connected": getattr(self.switcher.systemd, "connected", True),
                             "last_error": getattr(self.switcher.systemd, "last_error", None)},
+            "models": models_overview(self.switcher),
             "units": units, "last_switch": self.switcher.last_switch, "switches": s.switches_started,
             "gpu": await asyncio.to_thread(gpu.snapshot), "config_dir": str(config.config_dir),
             "config": {"loaded_at": round(self.switcher.config_loaded_at, 3),
@@ -325,6 +319,7 @@ def create_app(switcher: Switcher, upstream: Upstream, observability: Observabil
     g = api.guarded
     models = ModelsApi(switcher, observability.stopping if observability else None)
     routes = models.routes(g) + [  # /models, /v1/models[/{id}], /models/{load,unload,sse}
+        Route("/", index, methods=["GET"]),  # the status page, for browsers (router/statuspage.py)
         Route("/health", api.health, methods=["GET"]),
         Route("/v1/chat/completions", g(api.chat), methods=["POST"]),
         Route("/v1/completions", g(api.completions), methods=["POST"]),

@@ -5,7 +5,7 @@
 #
 # On a fresh Debian 12 machine (as root) it:
 #   1. installs the Debian packages the project and its integration tests need, only those missing
-#      (python3-venv, python3-gi, systemd, dbus-user-session, libgomp1, ...; `apt-get update` first);
+#      (python3-venv, python3-gi, systemd, dbus-user-session, libgomp1, chromium, ...; `apt-get update` first);
 #   2. creates .venv with `/usr/bin/python3 -m venv --system-site-packages` if it does not exist
 #      (pydbus needs Debian's python3-gi from the system site-packages);
 #   3. runs `pip install -e '.[test,demo]'` unless .venv already has this pyproject.toml installed;
@@ -15,7 +15,8 @@
 # a private systemd user manager in a mount namespace) are skipped by pytest with the reason.
 # Environment: LLM_ROUTER_TEST_TIMEOUT (s, default 840) bounds the pytest run as a whole;
 # LLM_ROUTER_REQUIRE_SANDBOX=1 turns "skipped: cannot run the systemd sandbox" into a failure, and
-# LLM_ROUTER_REQUIRE_PID1=1 the skip of tests/test_pid1.py (no systemd-nspawn here) likewise.
+# LLM_ROUTER_REQUIRE_PID1=1 the skip of tests/test_pid1.py (no systemd-nspawn here) likewise;
+# LLM_ROUTER_NO_CHROMIUM=1 does not install chromium (tests/test_status_page.py's browser test then skips).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -27,8 +28,11 @@ say() { echo "tests/run.sh: $*" >&2; }
 # --- 1. Debian packages --------------------------------------------------------------------------
 # libgomp1: the llama.cpp wheel (xllamacpp) loads libgomp.so.1, missing on a minimal Debian 12.
 # systemd-container, debootstrap: tests/test_pid1.py boots a minimal Debian 12 with systemd as PID 1.
+# chromium: tests/test_status_page.py opens the status page in headless Chromium (DevTools protocol);
+# without recommends ~36 packages, ~130 MB to fetch: about two minutes on a fresh machine (once).
 DEB_PACKAGES=(python3 python3-venv python3-gi systemd dbus dbus-user-session util-linux libgomp1
               systemd-container debootstrap)
+[ -n "${LLM_ROUTER_NO_CHROMIUM:-}" ] || DEB_PACKAGES+=(chromium)
 missing=()
 if command -v dpkg-query >/dev/null 2>&1; then
     for p in "${DEB_PACKAGES[@]}"; do

@@ -563,6 +563,8 @@ def test_user_install_builds_its_own_venv(user_sbx: Sandbox, tmp_path: Path) -> 
         assert (venv / "bin" / "llm-router").exists()
         assert "include-system-site-packages = true" in (venv / "pyvenv.cfg").read_text()
         assert get_json(f"{inst.url}/health")["status"] == "ok"
+        page = httpx.get(f"{inst.url}/", headers={"accept": "text/html"}, trust_env=False)  # package data installed
+        assert page.status_code == 200 and "<title>llm-router status</title>" in page.text
         unit = (inst.unit_dir / "llm-router.service").read_text()
         assert f"ExecStart={venv}/bin/llm-router serve" in unit
         # TabbyAPI's config_file directory is writable for the router; its unit template is installed
@@ -625,13 +627,23 @@ def test_demo_with_its_private_systemd_manager(tmp_path: Path) -> None:
         assert _switch_between_demo_models(url) == ["tiny-a", "tiny-b"]
         dropin = demo / "sandbox" / "config" / "systemd" / "user" / "llm-router-demo-llamacpp.service.d"
         assert "tiny-b.gguf" in (dropin / "50-llm-router.conf").read_text()
-        # a second --demo replaces the first one (same port, fresh state)
-        run_install([*argv, "--sandbox"], env=env, name="demo-again.txt")
+        # a real chat: past the 1,024 tokens the demo's models used to have (Open WebUI's title and tags)
+        history = [{"role": "user" if i % 2 == 0 else "assistant", "content": "the river and the mountain " * 12}
+                   for i in range(6)]
+        history.append({"role": "user", "content": "?"})
+        r = httpx.post(f"{url}/v1/chat/completions", trust_env=False, timeout=60,
+                       json={"model": "tiny-b", "max_tokens": 8, "messages": history})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > 2048, r.text
+        assert "Status page: " + url + "/" in out
+        assert "<title>llm-router status</title>" in httpx.get(url + "/", headers={"accept": "text/html"},
+                                                                trust_env=False).text
+        # a second --demo while this one runs says so, and leaves it running
+        again = run_install([*argv, "--sandbox"], env=env, name="demo-again.txt", check=False)
+        assert again.returncode == 1, again.stdout
+        assert f"a demo is already running in {demo}: its router (pid " in again.stdout
+        assert f") answers on {url}. Use it, or stop it first" in again.stdout
         assert get_json(f"{url}/health")["status"] == "ok"
-        assert not Path(cgroup).exists()  # the first demo's private manager is gone
-        sbx_env = (demo / "sandbox" / "sbx.env").read_text()
-        holder = int(re.search(r"SBX_HOLDER_PID=(\d+)", sbx_env).group(1))  # type: ignore[union-attr]
-        cgroup = re.search(r"SBX_CGROUP=(\S+)", sbx_env).group(1)  # type: ignore[union-attr]
+        assert Path(cgroup).exists()  # the same private manager
     finally:
         stop = run_install([str(INSTALL), "--demo", "--stop", "--demo-dir", str(demo)], env=env,
                            name="demo-stop.txt", check=False)

@@ -2,6 +2,9 @@
 
     python -m router.demo.run free-port [--start 8085]          first free TCP port from --start
     python -m router.demo.run port-free PORT                    exit 0 if nothing listens on PORT
+    python -m router.demo.run check-port PORT [--demo-config D] exit 0 if PORT is free; else say who holds
+                                           it (PID and command) and exit 1, or 3 when the holder is
+                                           the demo router serving config directory D
     python -m router.demo.run write-config --dir D --port P --backend-port Q --unit U --dropin-dir X
                                            --python PY --models-dir M
     python -m router.demo.run try --url URL [--model tiny-a --model tiny-b]
@@ -9,7 +12,12 @@
                                            client sees: the status lines of the switch, the answer
 
 The demo runs two tiny generated models (router.demo.tiny_gguf) as two llm-router models on one
-llama.cpp unit (router.demo.llama_server), so every switch rewrites that unit's drop-in.
+llama.cpp unit (router.demo.llama_server), so every switch rewrites that unit's drop-in. Each gets
+DEMO_CONTEXT tokens of context: enough for a real chat in Open WebUI (its title, tags and follow-up
+requests resend the whole conversation).
+
+Standard library only (and router.ports): install.sh runs `check-port` with the system's Python
+before the demo's venv exists.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ import urllib.request
 from pathlib import Path
 
 DEMO_MODELS = {"tiny-a": 1, "tiny-b": 2}  # model id -> generator seed
+DEMO_CONTEXT = 8192  # tokens of context per model (llama-server --ctx-size; the models are trained for as many)
+CHECK_FREE, CHECK_TAKEN, CHECK_DEMO = 0, 1, 3  # check-port's exit codes
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -41,6 +51,24 @@ def free_port(start: int) -> int:
         if port_free(port):
             return port
     raise SystemExit(f"no free TCP port in {start}..{start + 999}")
+
+
+def check_port(port: int, demo_config: str | None = None, host: str = "127.0.0.1") -> tuple[int, str]:
+    """(CHECK_FREE, "") when nothing listens on host:port; (CHECK_DEMO, "pid N") when the router of the
+    demo whose config directory is `demo_config` does; else (CHECK_TAKEN, who does, in words)."""
+    from router.ports import in_use, listener
+
+    holder = listener(host, port)
+    if holder is None:
+        return (CHECK_FREE, "") if port_free(port, host) else (CHECK_TAKEN, f"{host}:{port} is already in use")
+    if demo_config and holder.pid is not None:
+        try:
+            argv = Path(f"/proc/{holder.pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            argv = []
+        if b"router" in argv and b"serve" in argv and demo_config.encode() in argv:
+            return CHECK_DEMO, f"pid {holder.pid}"
+    return CHECK_TAKEN, in_use(host, port, holder)
 
 
 def config_text(port: int, backend_port: int, unit: str, dropin_dir: str) -> str:
@@ -70,7 +98,7 @@ def models_text(python: str, models_dir: str, backend_port: int) -> str:
     for mid, seed in DEMO_MODELS.items():
         gguf = str(Path(models_dir) / f"{mid}.gguf")
         argv = [python, "-m", "router.demo.llama_server", "-m", gguf, "--host", "127.0.0.1",
-                "--port", str(backend_port), "--alias", mid, "--n-predict", "64"]
+                "--port", str(backend_port), "--alias", mid, "--n-predict", "64", "--ctx-size", str(DEMO_CONTEXT)]
         out += [f"  {mid}:",
                 "    backend: llamacpp",
                 f"    name: Tiny {mid[-1].upper()} (demo, seed {seed})",
@@ -156,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start", type=int, default=8085)
     p = sub.add_parser("port-free")
     p.add_argument("port", type=int)
+    p = sub.add_parser("check-port")
+    p.add_argument("port", type=int)
+    p.add_argument("--demo-config", help="the demo's config directory: exit 3 when its router holds the port")
     p = sub.add_parser("write-config")
     p.add_argument("--dir", required=True)
     p.add_argument("--port", type=int, required=True)
@@ -173,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         print(free_port(a.start))
     elif a.cmd == "port-free":
         return 0 if port_free(a.port) else 1
+    elif a.cmd == "check-port":
+        code, text = check_port(a.port, a.demo_config)
+        if text:
+            print(text)
+        return code
     elif a.cmd == "write-config":
         write_config(a)
     elif a.cmd == "try":

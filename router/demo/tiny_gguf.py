@@ -10,7 +10,9 @@ Needs the `demo` extra (`pip install 'llm-router[demo]'`: gguf, numpy).
     from router.demo.tiny_gguf import make_tiny_gguf; make_tiny_gguf("/tmp/tiny-a.gguf", seed=1)
 
 Defaults: 2 layers, width 64, a 763-token vocabulary (3 specials, 256 byte-fallback tokens so any
-prompt tokenizes, ~500 English words), a chat template, 0.7 MB, written in ~0.2 s. `--embd 512
+prompt tokenizes, ~500 English words), a chat template, a context length of 8,192 tokens (the
+demo's --ctx-size; llama.cpp warns when serving more than a model's n_ctx_train), 0.7 MB,
+written in ~0.2 s. `--embd 512
 --layers 4` gives a ~17M-parameter, 68 MB model for benchmarks. The models rarely emit EOS: serve
 them with `--n-predict 64` or send `max_tokens`.
 """
@@ -67,7 +69,7 @@ def make_tiny_gguf(
     embd: int = 64,
     ff: int = 0,
     heads: int = 4,
-    ctx: int = 2048,
+    ctx: int = 8192,
     f16: bool = False,
     name: str = "tiny-llama",
 ) -> str:
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embd", type=int, default=64, help="embedding width (64 -> ~0.2M params; 512 -> ~14M)")
     ap.add_argument("--ff", type=int, default=0, help="feed-forward width (default 4*embd)")
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--ctx", type=int, default=2048, help="context length written into the model")
+    ap.add_argument("--ctx", type=int, default=8192,
+                    help="context length the model is trained for (llama.cpp's n_ctx_train)")
     ap.add_argument("--f16", action="store_true", help="store weights as F16 instead of F32")
     ap.add_argument("--name", default="tiny-llama", help="general.name in the GGUF metadata")
     a = ap.parse_args(argv)
