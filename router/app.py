@@ -266,6 +266,28 @@ class Api:
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
+    async def admin_sleep(self, request: Request) -> Response:
+        """Put a loaded model whose backend can sleep to sleep: {"model": id}."""
+        config = self.switcher.config
+        model_id = await _admin_model(request, config)
+        if isinstance(model_id, Response):
+            return model_id
+        if config.backend_of(config.models[model_id]).sleep is None:
+            return JSONResponse(error_body(f"{model_id} cannot sleep: its backend `{config.models[model_id].backend}` "
+                                           "has no `sleep:` in config.yml.", "invalid_request_error", param="model"),
+                                status_code=400)
+        ticket = self.switcher.sleep(model_id)
+        try:
+            update = await self.switcher.next_update(ticket)
+            while isinstance(update, Status):
+                update = await self.switcher.next_update(ticket)
+        finally:
+            self.switcher.done(ticket)
+        if isinstance(update, Failed):
+            return JSONResponse(error_body(update.message, update.error.code, "server_error"),
+                                status_code=failure_status(update.error))
+        return JSONResponse({"model": model_id, "state": self.switcher.model_state(model_id)})
+
     async def admin_unload(self, request: Request) -> Response:
         """Unload every model, or the one named by an optional body {"model": id}."""
         config = self.switcher.config
@@ -294,6 +316,23 @@ class Api:
             return JSONResponse(error_body(update.message, update.error.code, "server_error"),
                                 status_code=failure_status(update.error))
         return JSONResponse({"unloaded": before})
+
+
+async def _admin_model(request: Request, config: Any) -> str | Response:
+    """The model id an admin request's body names ({"model": id or alias}), or the error to answer."""
+    try:
+        raw = await read_body(request, config.limits.max_body_bytes)
+    except ClientLeft:
+        return Response(status_code=400)
+    body = parse_body(raw or b"{}") if not isinstance(raw, BadBody) else raw
+    if isinstance(body, BadBody):
+        return refuse(body)
+    name = body.get("model")
+    model_id = config.resolve(name) if isinstance(name, str) else None
+    if model_id is None:
+        return JSONResponse(error_body(f"Unknown model `{name}`. Known models: {', '.join(config.models)}.",
+                                       "model_not_found", param="model"), status_code=404)
+    return model_id
 
 
 def _with_usage_option(raw: bytes) -> bytes:
@@ -327,6 +366,7 @@ def create_app(switcher: Switcher, upstream: Upstream, observability: Observabil
         Route("/status", g(api.status), methods=["GET"]),
         Route("/admin/load", g(api.admin_load, admin=True), methods=["POST"]),
         Route("/admin/unload", g(api.admin_unload, admin=True), methods=["POST"]),
+        Route("/admin/sleep", g(api.admin_sleep, admin=True), methods=["POST"]),
     ] + (observability.routes(g) if observability else [])  # /metrics, /events, /logs/{model}, /history
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _internal_error})
 

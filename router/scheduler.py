@@ -50,6 +50,7 @@ class Ticket:
     model: str | None  # None: an unload request (of every model)
     priority: int = PRIORITIES["normal"]  # 0 high, 1 normal, 2 low
     unload: bool = False  # unload `model` (with model None: every model)
+    sleep: bool = False  # with unload: put `model` to sleep instead of stopping it (its backend can sleep)
     id: int = field(default_factory=itertools.count(1).__next__)
     arrived: float = 0.0  # set by the scheduler's clock when it first sees the ticket
     told_switching: bool = False  # the "Switching to …" line was already sent to it
@@ -597,6 +598,8 @@ class Scheduler:
                 self._fail(ticket, error)
             return True
         models = self._unload_models(head)
+        if head.sleep and head.model is not None:
+            return self._sleep_one(head, models)
         if head.model is None:
             units = [u for u in self.config.managed_units() if u in self.running]
         else:
@@ -614,6 +617,20 @@ class Scheduler:
             return True
         plan = Plan(target=None, stop=tuple(units), evicts=tuple(models), reason="unload")
         self._start(plan, [head])
+        return False
+
+    def _sleep_one(self, head: Ticket, models: list[str]) -> bool:
+        """An admin's sleep: the loaded model sleeps now (its responses in flight end first)."""
+        model = head.model or ""
+        if self.state_of(model) != "loaded" or self.config.backend_of(self.config.models[model]).sleep is None:
+            self.queue.remove(head)
+            head.granted = True
+            self.effects.grant(head)  # asleep already, not loaded, or cannot sleep: nothing to do (said by the API)
+            return True
+        if model in self.serving:
+            return False
+        sleep, stop = sleep_or_stop(self.view(), [model])
+        self._start(plan_evict(self.config, sleep, stop, "sleep"), [head])
         return False
 
     def _unload_models(self, head: Ticket) -> list[str]:

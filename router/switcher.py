@@ -224,8 +224,8 @@ class Switcher:
 
     # --- what request handlers call -----------------------------------------------------------
 
-    def submit(self, model: str | None, priority: int = 1, unload: bool = False) -> Ticket:
-        ticket = Ticket(model, priority, unload=unload or model is None)
+    def submit(self, model: str | None, priority: int = 1, unload: bool = False, sleep: bool = False) -> Ticket:
+        ticket = Ticket(model, priority, unload=unload or sleep or model is None, sleep=sleep)
         self._inbox[ticket.id] = asyncio.Queue()
         self._dispatch(self._on_request, ticket)
         return ticket
@@ -235,6 +235,10 @@ class Switcher:
         one; waits for its responses in flight. Read the outcome with next_update: Unloaded or Failed, then
         done(ticket). Queued ahead of waiting requests (high priority)."""
         return self.submit(model_id, PRIORITIES["high"], unload=True)
+
+    def sleep(self, model_id: str) -> Ticket:
+        """Put a loaded model to sleep now (an admin's choice): Unloaded when done, or Failed."""
+        return self.submit(model_id, PRIORITIES["high"], sleep=True)
 
     def _on_request(self, ticket: Ticket) -> None:
         self._check_bus()

@@ -114,3 +114,17 @@ async def test_nvml_memory_without_a_gpu_answers_at_once_and_asks_systemd_nothin
     memory = NvmlMemory(NoBus())
     assert await asyncio.wait_for(memory.wait_free(0, 80, 30), 2) is True
     assert await memory.measure("x.service") is None
+
+
+async def test_an_admin_sleep_puts_a_loaded_model_to_sleep(tmp_path: Path) -> None:
+    sw, systemd, rec = await started(make_config(tmp_path, sleep=True))
+    try:
+        assert isinstance(await answer(sw, "a"), Granted)
+        ticket = sw.sleep("a")
+        update = await asyncio.wait_for(sw.next_update(ticket), 5)
+        sw.done(ticket)
+        assert type(update).__name__ == "Unloaded"
+        assert sw.model_state("a") == "sleeping" and "sleep http://127.0.0.1:9101" in rec.log
+        assert systemd.active == {"eng@a.service"}  # asleep, not stopped
+    finally:
+        await sw.close()

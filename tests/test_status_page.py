@@ -91,7 +91,7 @@ async def test_status_lists_each_model_with_its_memory(client: httpx.AsyncClient
     models = (await client.get("/status")).json()["models"]
     assert models["qwen"] == {"name": "Qwen", "state": "unloaded", "backend": "llamacpp", "unit": "llamacpp.service",
                               "gpu": 0, "vram_gb": 20.0, "ram_gb": None, "persistent": False, "can_sleep": False,
-                              "unlisted": False}
+                              "unlisted": False, "measured_gb": None, "serving": 0, "idle_for": None}
     assert models["big"]["can_sleep"] is True and models["big"]["ram_gb"] == 80.0 and models["big"]["gpu"] == 1
 
 
