@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from router.config import Config, Model
+from router.journal import engine_lead, fenced
 from router.plan import Plan, make_plan
 
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
@@ -62,15 +63,24 @@ class LoadFailure:
     cooldown: bool = True  # the model's fault: later requests fail at once for switch.failure_cooldown
     note: str = ""  # said after `what`, e.g. "(failed 12 s ago; next try in 18 s)"
 
+    @property
+    def reason(self) -> str:
+        """Why, in a few words: the engine's own last meaningful line when its journal has one, else `what`."""
+        return engine_lead(self.journal) or self.what.rstrip(".")
+
     def message(self, display: str | None = None) -> str:
+        """`M (unit U): what note hint`; with a journal tail, the engine's own line leads, `what` follows,
+        and the tail ends the message in a fenced code block (systemd's own lines last, as they came)."""
         unit = f" (unit {self.unit})" if self.unit else ""
-        text = f"{display or self.model}{unit}: {self.what}"
+        lead = engine_lead(self.journal)
+        text = f"{display or self.model}{unit}: {lead}\nIt {self.what}" if lead else \
+            f"{display or self.model}{unit}: {self.what}"
         if self.note:
             text += f" {self.note}"
         if self.hint:
             text += f" {self.hint}"
         if self.journal:
-            text += "\nLast journal lines:\n" + "\n".join(self.journal)
+            text += "\nLast journal lines:\n" + fenced(self.journal)
         return text
 
 
@@ -319,6 +329,23 @@ class Scheduler:
             counts[key] += 1
             oldest[key] = max(oldest.get(key, 0.0), now - ticket.arrived)
         return dict(counts), oldest
+
+    def ahead(self, ticket: Ticket) -> tuple[str | None, int]:
+        """What a queued request waits behind: a model in the way (the one loading, else one still answering,
+        else the next queued) and how many requests for other models come before it."""
+        other: str | None = None
+        count = 0
+        if self.switch is not None and self.switch.target != ticket.model:
+            other, count = self.switch.target, len(self.switch.waiters)
+        for model, n in self.serving.items():
+            if model != ticket.model:
+                other, count = other or model, count + n
+        for queued in self.queue:
+            if queued is ticket:
+                break
+            if queued.model != ticket.model:
+                other, count = other or queued.model, count + 1
+        return other, count
 
     # --- decisions ----------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import structlog
 
 from router.atomicfile import read_text
 from router.backendconf import read_model_name
-from router.chunks import switching_line
+from router.chunks import switching_line, waiting_line
 from router.config import Backend, Config, Model
 from router.events import EventBus, ModelState, QueueDepth, SwitchEnded, SwitchProgress
 from router.execstart import DROPIN_NAME, dropin_model_id, needs_dropin
@@ -288,11 +288,21 @@ class Switcher:
         return model.display_name if model else (model_id or "all models")
 
     def waiting(self, ticket: Ticket, switch: Switch | None) -> None:
+        if switch is None and self._tell_waiting(ticket):
+            return  # queued behind another model: "Switching…" comes when its own switch starts
         if not ticket.told_switching and ticket.model is not None:
             ticket.told_switching = True
             self._send(ticket, Status(switching_line(self._display(ticket.model))))
         if switch is not None and self.run_info is not None and self.run_info.load_started is not None:
             self._send(ticket, Status(self.run_info.loading_text()))
+
+    def _tell_waiting(self, ticket: Ticket) -> bool:
+        """`⏳ Waiting for M (2 requests ahead)…` to a queued request with another model in its way."""
+        other, ahead = self.scheduler.ahead(ticket)
+        if ticket.model is None or other is None:
+            return False
+        self._send(ticket, Status(waiting_line(self._display(other), ahead)))
+        return True
 
     def grant(self, ticket: Ticket) -> None:
         if ticket.model is None:
@@ -417,6 +427,8 @@ class Switcher:
             text = run.loading_text()
             for ticket in switch.waiters:
                 self._send(ticket, Status(text))
+            for ticket in self.scheduler.queue:  # the requests queued behind this load: how far they are
+                self._tell_waiting(ticket)
             self.events.emit(SwitchProgress(run.switch_id, run.plan.target, run.phase, round(run.elapsed(), 3),
                                             text))
 
