@@ -834,7 +834,7 @@ def _stats(chk: _Checker, item: _Item | None) -> tuple[bool, Literal["event", "c
     if item is None:
         return True, "event"
     value = chk.scalar(item.node, "stats", "event, content or none")
-    if value is _BROKEN:
+    if value is _BROKEN or value is None:  # null: the default
         return True, "event"
     if isinstance(value, bool):
         return value, "event"

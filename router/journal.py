@@ -56,6 +56,8 @@ _MANAGER_LINE = re.compile(
 # What an engine says when it fails, and what it says as it exits (which says less than the line before)
 _PROBLEM = re.compile(r"error|fail|fatal|cannot|can't|could not|couldn't|unable|not found|no such|denied|refused"
                       r"|invalid|exception|out of memory|oom|traceback|abort|panic|missing", re.I)
+_PROGRAM = re.compile(r"([a-z][a-z0-9_.-]*): ")  # a program's name before its message (not `ValueError: `)
+_LEVELS = {"error", "warning", "warn", "fatal", "critical", "info", "debug", "panic", "note", "notice"}
 _EXITING = re.compile(r"exiting|giving up|shutting down|cleaning up|terminat|see root cause|exit code", re.I)
 
 
@@ -83,7 +85,9 @@ def engine_lead(lines: Sequence[str]) -> str | None:
         return None
     problems = [text for text in own if _PROBLEM.search(text)]
     telling = [text for text in problems if not _EXITING.search(text)]
-    return (telling or problems or own)[-1]
+    lead = (telling or problems or own)[-1]
+    m = _PROGRAM.match(lead)  # "llama_server: model file not found: …" says "model file not found: …"
+    return lead[m.end():] if m is not None and m.group(1) not in _LEVELS and lead[m.end():] else lead
 
 
 def fenced(lines: Sequence[str]) -> str:

@@ -746,8 +746,8 @@ def test_check_warns_about_a_symlinked_config_file_or_dropin_dir(tmp_path: Path,
 
 
 @pytest.mark.parametrize(("value", "stats", "channel"), [
-    (None, True, "event"), ("true", True, "event"), ("false", False, "event"), ("event", True, "event"),
-    ("content", True, "content"), ("none", False, "event")])
+    (None, True, "event"), ("null", True, "event"), ("true", True, "event"), ("false", False, "event"),
+    ("event", True, "event"), ("content", True, "content"), ("none", False, "event")])
 def test_stats_says_where_the_speed_goes(value: str | None, stats: bool, channel: str) -> None:
     config = parse(MIN_CONFIG + (f"stats: {value}\n" if value is not None else ""))
     assert (config.stats, config.stats_channel) == (stats, channel)

@@ -298,9 +298,9 @@ def test_a_failed_loads_message_leads_with_the_engines_own_line_then_the_journal
                "systemd: llamacpp.service: Failed with result 'exit-code'.")
     e = LoadFailure("tiny-a", "llamacpp.service", "exited while loading (exited with status 2).",
                     "Fix the model's command; `journalctl --user-unit=llamacpp.service` has the whole log.", journal)
-    assert e.reason == "llama_server: model file not found: /models/x.gguf"
+    assert e.reason == "model file not found: /models/x.gguf"  # without the program's name
     head, _, tail = e.message("Tiny A").partition("\nLast journal lines:\n")
-    assert head == ("Tiny A (unit llamacpp.service): llama_server: model file not found: /models/x.gguf\n"
+    assert head == ("Tiny A (unit llamacpp.service): model file not found: /models/x.gguf\n"
                     "It exited while loading (exited with status 2). Fix the model's command; "
                     "`journalctl --user-unit=llamacpp.service` has the whole log.")
     assert tail == "```\n" + "\n".join(journal) + "\n```"
@@ -311,3 +311,8 @@ def test_a_failed_loads_message_leads_with_the_engines_own_line_then_the_journal
     # the fence is longer than any backtick run in the lines
     quoted = LoadFailure("a", "u", "exited.", journal=("python3: error: bad ```block```",))
     assert quoted.message().endswith("````\npython3: error: bad ```block```\n````")
+    assert quoted.reason == "error: bad ```block```"  # a log level is not a program's name
+    python = LoadFailure("a", "u", "exited.", journal=("vllm: Traceback (most recent call last):",
+                                                         "vllm: ValueError: max_model_len 8192 is too large",
+                                                         "vllm: RuntimeError: see root cause above"))
+    assert python.reason == "ValueError: max_model_len 8192 is too large"
