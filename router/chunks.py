@@ -59,14 +59,15 @@ def final_line(display: str, tokens: int, seconds: float, tok_per_s: float, took
 
 # The router's own lines, as they come back inside assistant messages of later requests.
 _OWN_LINE = re.compile(
-    r"^(?:🔄 Switching to .*…|⏳ Loading .*… \d+s/~?\d+s|⏳ Waiting for .* \(\d+ requests? ahead\)…"
+    r"^(?:🔄 Switching to .*…|⏰ Waking .*…(?: \d+s)?|⏳ Loading .*… \d+s/~?\d+s"
+    r"|⏳ Waiting for .* \(\d+ requests? ahead\)…"
     r"|✅ .* ready \(took \d+ ?s\)|❌ .* failed to load: .*"
     r"|⚡ \d+(?:\.\d+)? tok/s \(\d+ tokens in \d+(?:\.\d+)?s\))$")
 
 
 def strip_own_lines(text: str) -> str:
     """Remove the router's status and stats lines from an assistant message."""
-    if not any(mark in text for mark in ("🔄", "⏳", "✅", "❌", "⚡")):
+    if not any(mark in text for mark in ("🔄", "⏰", "⏳", "✅", "❌", "⚡")):
         return text
     kept = [line for line in text.split("\n") if not _OWN_LINE.match(line)]
     return "\n".join(kept).strip("\n")

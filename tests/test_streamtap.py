@@ -196,7 +196,8 @@ def test_status_chunks_per_channel():
 
 
 def test_own_lines_are_stripped_from_history_and_nothing_else():
-    answer = ("🔄 Switching to Big…\n⏳ Loading Big… 10s/180s\n✅ Big ready (took 12s)\n"
+    answer = ("🔄 Switching to Big…\n⏰ Waking Big…\n⏰ Waking Big… 3s\n"
+              "⏳ Loading Big… 10s/180s\n✅ Big ready (took 12s)\n"
               "⏳ Waiting for Small (2 requests ahead)…\n⏳ Waiting for Small (1 request ahead)…\n"
               "✅ Big ready (took 41 s)\n"
               "The answer is 42.\n⏳ not ours\n\n⚡ 41.2 tok/s (512 tokens in 12.4s)")
