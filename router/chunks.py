@@ -32,7 +32,13 @@ def loading_line(display: str, elapsed: float, timeout: float, expected: float |
 
 
 def ready_line(display: str, took: float) -> str:
-    return f"✅ {display} ready (took {round(took)}s)"
+    """`✅ M ready (took 41 s)`: `took` is the wait the user had, from the request's arrival."""
+    return f"✅ {display} ready (took {round(took)} s)"
+
+
+def waiting_line(other: str, ahead: int) -> str:
+    """`⏳ Waiting for M (2 requests ahead)…`: queued behind another model's load or answers."""
+    return f"⏳ Waiting for {other} ({ahead} request{'' if ahead == 1 else 's'} ahead)…"
 
 
 def failed_line(display: str, reason: str) -> str:
@@ -40,18 +46,28 @@ def failed_line(display: str, reason: str) -> str:
 
 
 def stats_line(tokens: int, seconds: float, tok_per_s: float) -> str:
+    """The inline stats line (`stats: content`), appended to the answer's text."""
     return f"⚡ {tok_per_s:.1f} tok/s ({tokens} tokens in {seconds:.1f}s)"
+
+
+def final_line(display: str, tokens: int, seconds: float, tok_per_s: float, took: float | None = None) -> str:
+    """The final status event (`stats: event`): `✅ M · ⚡ 41.2 tok/s · 512 tokens in 12.4 s`, with
+    `ready (took 41 s)` after the name when the request waited for its model."""
+    ready = f" ready (took {round(took)} s)" if took is not None else ""
+    return f"✅ {display}{ready} · ⚡ {tok_per_s:.1f} tok/s · {tokens} tokens in {seconds:.1f} s"
 
 
 # The router's own lines, as they come back inside assistant messages of later requests.
 _OWN_LINE = re.compile(
-    r"^(?:🔄 Switching to .*…|⏳ Loading .*… \d+s/~?\d+s|✅ .* ready \(took \d+s\)|❌ .* failed to load: .*"
+    r"^(?:🔄 Switching to .*…|⏰ Waking .*…(?: \d+s)?|⏳ Loading .*… \d+s/~?\d+s"
+    r"|⏳ Waiting for .* \(\d+ requests? ahead\)…"
+    r"|✅ .* ready \(took \d+ ?s\)|❌ .* failed to load: .*"
     r"|⚡ \d+(?:\.\d+)? tok/s \(\d+ tokens in \d+(?:\.\d+)?s\))$")
 
 
 def strip_own_lines(text: str) -> str:
     """Remove the router's status and stats lines from an assistant message."""
-    if not any(mark in text for mark in ("🔄", "⏳", "✅", "❌", "⚡")):
+    if not any(mark in text for mark in ("🔄", "⏰", "⏳", "✅", "❌", "⚡")):
         return text
     kept = [line for line in text.split("\n") if not _OWN_LINE.match(line)]
     return "\n".join(kept).strip("\n")
@@ -88,9 +104,13 @@ class ChunkWriter:
     model: str
     channel: str = "event"  # event | reasoning | content | none
     completions: bool = False  # /v1/completions (text choices) rather than chat
-    id: str = field(default_factory=lambda: f"chatcmpl-router-{uuid.uuid4().hex[:24]}")
+    id: str = ""  # default: `chatcmpl-router-…`, or `cmpl-router-…` for text completions (OpenAI's prefixes)
     created: int = field(default_factory=lambda: int(time.time()))
     role_sent: bool = False  # the engine or an earlier chunk already said role: assistant
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            self.id = f"{'cmpl' if self.completions else 'chatcmpl'}-router-{uuid.uuid4().hex[:24]}"
 
     def _base(self) -> dict[str, Any]:
         obj = "text_completion" if self.completions else "chat.completion.chunk"
@@ -121,6 +141,12 @@ class ChunkWriter:
     def error(self, message: str, code: str, type_: str = "server_error") -> bytes:
         """An error chunk without choices (Open WebUI shows `error` only where choices is empty)."""
         return sse({**self._base(), "choices": [], "error": {"message": message, "type": type_, "code": code}})
+
+    def final(self, line: str, extra: Mapping[str, Any] | None = None) -> bytes:
+        """The last chunk of a streamed answer (`stats: event`): no choices (the shape of OpenAI's usage
+        chunk, so it may follow the finishing chunk), the final status event and `extra` (usage, timings)."""
+        return sse({**self._base(), "choices": [], **(extra or {}),
+                    "event": {"type": "status", "data": {"description": line, "done": True}}})
 
     def content(self, text: str, extra: Mapping[str, Any] | None = None) -> bytes:
         return sse({**self._base(), "choices": [self._choice("content", text)], **(extra or {})})

@@ -178,7 +178,8 @@ class Config:
     listen: Listen = field(default_factory=Listen)
     systemd: SystemdSettings = field(default_factory=SystemdSettings)
     switch: SwitchSettings = field(default_factory=SwitchSettings)
-    stats: bool = True
+    stats: bool = True  # report each streamed chat answer's speed (config.yml `stats`: not none/false)
+    stats_channel: Literal["event", "content"] = "event"  # as the final status event, or inline in the text
     api_key: str | None = None
     api_keys: tuple[str, ...] = ()  # more client keys (config.yml api_keys, LLM_ROUTER_API_KEYS_FILE)
     admin_api_keys: tuple[str, ...] = ()  # when set, only these open /admin/*
@@ -237,10 +238,14 @@ class Config:
 
     def systemctl(self, verb: str, unit: str) -> str:
         """The systemctl command line an operator runs for this unit on this bus (for messages)."""
+        if self.systemd.bus == "user" and (sandbox := sandbox_dir()) is not None:  # its bus is in its namespace
+            return f"{shlex.quote(str(SANDBOX_SCRIPT))} exec {shlex.quote(sandbox)} -- systemctl --user {verb} {unit}"
         return f"systemctl {'--user ' if self.systemd.bus == 'user' else ''}{verb} {unit}"
 
     def journalctl(self, unit: str) -> str:
         """The journalctl command line that shows this unit's log on this bus (for messages)."""
+        if self.systemd.bus == "user" and (sandbox := sandbox_dir()) is not None:  # a journal of its own
+            return f"journalctl -D {shlex.quote(sandbox + '/journal')} --user-unit={unit}"
         return f"journalctl --user-unit={unit}" if self.systemd.bus == "user" else f"journalctl -u {unit}"
 
     def managed_units(self) -> list[str]:
@@ -248,6 +253,16 @@ class Config:
         units = [b.unit for b in self.backends.values() if not b.template]
         units += [self.unit_of(m) for m in self.models.values()]
         return list(dict.fromkeys(units))
+
+
+SANDBOX_SCRIPT = Path(__file__).resolve().parent / "demo" / "systemd-sandbox.sh"
+
+
+def sandbox_dir() -> str | None:
+    """The directory of the private systemd manager (router/demo/systemd-sandbox.sh: the demo without a
+    systemd, the tests) whose units the router runs among, from its SBX_DIR; None under a real systemd."""
+    value = os.environ.get("SBX_DIR", "")
+    return value if os.path.isabs(value) else None
 
 
 def instance_name(text: str) -> str:
@@ -368,6 +383,7 @@ def parse_config(
         systemd=settings.systemd,
         switch=settings.switch,
         stats=settings.stats,
+        stats_channel=settings.stats_channel,
         api_key=settings.api_key,
         api_keys=tuple(dict.fromkeys([*settings.api_keys, *file_keys])),
         admin_api_keys=settings.admin_api_keys,
@@ -796,6 +812,7 @@ class _Settings:
     systemd: SystemdSettings = field(default_factory=SystemdSettings)
     switch: SwitchSettings = field(default_factory=SwitchSettings)
     stats: bool = True
+    stats_channel: Literal["event", "content"] = "event"
     api_key: str | None = None
     api_keys: tuple[str, ...] = ()
     admin_api_keys: tuple[str, ...] = ()
@@ -878,7 +895,7 @@ def _parse_config_yml(chk: _Checker, root: Node | object | None, environ: Mappin
                                     minimum=1, what="a number of connections"),
     )
 
-    out.stats = chk.boolean(top.get("stats"), "stats", True)
+    out.stats, out.stats_channel = _stats(chk, top.get("stats"))
     if (item := top.get("api_key")) is not None and not (
         isinstance(item.node, ScalarNode) and item.node.tag == _NULL
     ):
@@ -974,6 +991,25 @@ def _parse_preload(chk: _Checker, item: _Item | None) -> list[tuple[str, Node]]:
         if mid is not None:
             ids.append((mid, node))
     return ids
+
+
+STATS_CHANNELS = ("event", "content", "none")
+
+
+def _stats(chk: _Checker, item: _Item | None) -> tuple[bool, Literal["event", "content"]]:
+    """`stats`: event (default; true means it), content (the inline line of old), none (false means it)."""
+    if item is None:
+        return True, "event"
+    value = chk.scalar(item.node, "stats", "event, content or none")
+    if value is _BROKEN or value is None:  # null: the default
+        return True, "event"
+    if isinstance(value, bool):
+        return value, "event"
+    if value not in STATS_CHANNELS:
+        chk.problem(item.node, f"stats: expected event, content or none (true means event, false none), "
+                               f"got {_describe(item.node)}")
+        return True, "event"
+    return value != "none", "content" if value == "content" else "event"
 
 
 def _node(item: _Item | None) -> Node | None:

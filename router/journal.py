@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import structlog
@@ -44,6 +45,56 @@ def format_entries(output: str) -> list[str]:
         ident = entry.get("SYSLOG_IDENTIFIER") or entry.get("_COMM") or ""
         lines.append(f"{ident}: {message}" if ident else str(message))
     return lines
+
+
+# What systemd itself says about a unit (its lines lead nothing: the engine's own say why)
+_MANAGER_IDENTS = ("systemd", "systemd-coredump")
+_MANAGER_LINE = re.compile(
+    r"(?:^|: )(?:Main process exited|Failed with result|Control process exited|Consumed |Deactivated successfully"
+    r"|Scheduled restart job|Start request repeated|Unit entered failed state|Killing process|Succeeded\.)"
+    r"|^(?:Started|Starting|Stopping|Stopped|Failed to start|Reloading|Reloaded) ")
+# What an engine says when it fails, and what it says as it exits (which says less than the line before)
+_PROBLEM = re.compile(r"error|fail|fatal|cannot|can't|could not|couldn't|unable|not found|no such|denied|refused"
+                      r"|invalid|exception|out of memory|oom|traceback|abort|panic|missing", re.I)
+_PROGRAM = re.compile(r"([a-z][a-z0-9_.-]*): ")  # a program's name before its message (not `ValueError: `)
+_LEVELS = {"error", "warning", "warn", "fatal", "critical", "info", "debug", "panic", "note", "notice"}
+_EXITING = re.compile(r"exiting|giving up|shutting down|cleaning up|terminat|see root cause|exit code", re.I)
+
+
+def split_line(line: str) -> tuple[str, str]:
+    """A formatted journal line (`ident: message`, as `format_entries` makes them) as (ident, message)."""
+    ident, sep, message = line.partition(": ")
+    if not sep or " " in ident or not ident:
+        return "", line
+    return ident, message
+
+
+def is_manager_line(line: str) -> bool:
+    """systemd's own line about the unit ("Failed with result …", "Main process exited …", "Started …")."""
+    ident, message = split_line(line)
+    return ident in _MANAGER_IDENTS or bool(_MANAGER_LINE.search(message))
+
+
+def engine_lead(lines: Sequence[str]) -> str | None:
+    """The engine's own last meaningful line in a journal tail: its last line that names a problem (and
+    is not only "exiting…"), else its last line; without the journal's `ident: ` prefix. None if the
+    tail has only systemd's lines."""
+    own = [split_line(line)[1].strip() for line in lines if not is_manager_line(line)]
+    own = [text for text in own if text]
+    if not own:
+        return None
+    problems = [text for text in own if _PROBLEM.search(text)]
+    telling = [text for text in problems if not _EXITING.search(text)]
+    lead = (telling or problems or own)[-1]
+    m = _PROGRAM.match(lead)  # "llama_server: model file not found: …" says "model file not found: …"
+    return lead[m.end():] if m is not None and m.group(1) not in _LEVELS and lead[m.end():] else lead
+
+
+def fenced(lines: Sequence[str]) -> str:
+    """Lines as a Markdown fenced code block (the fence longer than any backtick run in them)."""
+    longest = max((len(run) for line in lines for run in re.findall(r"`+", line)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}\n" + "\n".join(lines) + f"\n{fence}"
 
 
 async def _run(cmd: list[str], timeout: float) -> str:

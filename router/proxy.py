@@ -215,6 +215,7 @@ class Relay:
 
     async def _direct(self, call: Call, granted: Granted, watch: ClientWatch) -> Response:
         config = self.switcher.config
+        sent_at = time.monotonic()
         try:
             resp = await self._open(call, granted)
         except UpstreamError as e:
@@ -246,7 +247,8 @@ class Relay:
         tap = None
         if config.stats and call.chat:
             writer = ChunkWriter(call.model_id, role_sent=True)
-            tap = StreamTap(writer, stats=True, client_usage=call.client_usage, rewrite_id=False)
+            tap = StreamTap(writer, stats=True, client_usage=call.client_usage, rewrite_id=False,
+                            stats_channel=config.stats_channel, display=granted.model.display_name, sent_at=sent_at)
         return RelayResponse(self._pipe(call, resp, tap, granted), lambda gone: self._closed(call, gone), watch,
                              status_code=resp.status, headers={**response_headers(resp), **SSE_HEADERS})
 
@@ -306,17 +308,17 @@ class Relay:
                     yield chunk
             elif isinstance(update, Failed):
                 call.status, call.outcome = failure_status(update.error), "load_failed"
-                yield writer.status(failed_line(update.display, update.error.what.rstrip(".")), done=True)
+                yield writer.status(failed_line(update.display, update.error.reason), done=True)
                 yield writer.error(update.message, update.error.code)
                 yield DONE
                 return
             elif isinstance(update, Granted):
-                call.waited = time.monotonic() - call.started
-                if update.took is not None:
-                    yield writer.status(ready_line(update.model.display_name, update.took), done=True)
+                call.waited = time.monotonic() - call.started  # the wait the user had, not only the load
+                yield writer.status(ready_line(update.model.display_name, call.waited), done=True)
                 break
             update = await self.switcher.next_update(call.ticket, config.switch.keepalive_every)
         assert isinstance(update, Granted)
+        sent_at = time.monotonic()
         try:
             resp = await self._open(call, update)
         except UpstreamError as e:
@@ -337,7 +339,8 @@ class Relay:
             yield DONE
             return
         tap = StreamTap(writer, stats=config.stats and call.chat, client_usage=call.client_usage, rewrite_id=True,
-                        drop_role=writer.role_sent)
+                        drop_role=writer.role_sent, stats_channel=config.stats_channel,
+                        display=update.model.display_name, took=call.waited, sent_at=sent_at)
         writer.role_sent = True
         pipe = self._pipe(call, resp, tap, update)
         try:

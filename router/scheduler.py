@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from router.config import Config, Model
+from router.journal import engine_lead, fenced
 from router.plan import Plan, make_plan, plan_evict, plan_room
 from router.residency import NoRoom, Resident, Room, View, expired, make_room, sleep_or_stop
 
@@ -73,15 +74,24 @@ class LoadFailure:
     note: str = ""  # said after `what`, e.g. "(failed 12 s ago; next try in 18 s)"
     exit_code: int | None = None  # the engine's exit status when its unit exited (128+N: killed by signal N)
 
+    @property
+    def reason(self) -> str:
+        """Why, in a few words: the engine's own last meaningful line when its journal has one, else `what`."""
+        return engine_lead(self.journal) or self.what.rstrip(".")
+
     def message(self, display: str | None = None) -> str:
+        """`M (unit U): what note hint`; with a journal tail, the engine's own line leads, `what` follows,
+        and the tail ends the message in a fenced code block (systemd's own lines last, as they came)."""
         unit = f" (unit {self.unit})" if self.unit else ""
-        text = f"{display or self.model}{unit}: {self.what}"
+        lead = engine_lead(self.journal)
+        text = f"{display or self.model}{unit}: {lead}\nIt {self.what}" if lead else \
+            f"{display or self.model}{unit}: {self.what}"
         if self.note:
             text += f" {self.note}"
         if self.hint:
             text += f" {self.hint}"
         if self.journal:
-            text += "\nLast journal lines:\n" + "\n".join(self.journal)
+            text += "\nLast journal lines:\n" + fenced(self.journal)
         return text
 
 
@@ -435,6 +445,25 @@ class Scheduler:
         ahead = {t.model for t in self.queue[:index] if t.model != ticket.model}
         return sum(1 for t in self.queue[:index] if t.model in ahead) + (
             len(self.switch.waiters) if self.switch is not None and self.switch.target != ticket.model else 0)
+
+    def ahead(self, ticket: Ticket) -> tuple[str | None, int]:
+        """What a queued request waits behind, for its `⏳ Waiting for M (N requests ahead)…` line: the model
+        in its way (the one loading, else the next one queued before it, else its own or another
+        model whose answers must end first) and how many requests come before it."""
+        count = self.ahead_of(ticket)
+        if self.switch is not None and self.switch.target is not None and self.switch.target != ticket.model:
+            return self.switch.target, count
+        for queued in self.queue:
+            if queued is ticket:
+                break
+            if queued.model is not None and queued.model != ticket.model:
+                return queued.model, count
+        model = ticket.model
+        if model is not None and self.serving[model] and self.state_of(model) == "loaded":
+            return model, count + self.serving[model]  # its own model is busy (max_concurrent, a starving switch)
+        busy = [(m, n) for m, n in self.serving.items() if m != model and m in self.config.models
+                and not self.config.models[m].persistent]
+        return (busy[0][0], count + sum(n for _, n in busy)) if busy else (None, count)
 
     # --- decisions ----------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import structlog
 from router import gpu, hostmem
 from router.atomicfile import read_text
 from router.backendconf import read_model_name
-from router.chunks import switching_line, waking_line
+from router.chunks import switching_line, waiting_line, waking_line
 from router.config import Backend, Config, Model
 from router.events import EventBus, ModelState, QueueDepth, SwitchEnded, SwitchProgress
 from router.execstart import DROPIN_NAME, dropin_model_id, needs_dropin
@@ -312,6 +312,9 @@ class Switcher:
         return model.display_name if model else (model_id or "all models")
 
     def waiting(self, ticket: Ticket, switch: Switch | None) -> None:
+        if switch is None and ticket.model is not None and not ticket.unload and not ticket.told_switching:
+            self._post(self._queued, ticket)  # once the scheduler is done with it: still queued? behind what?
+            return
         if not ticket.told_switching and ticket.model is not None and not ticket.unload:
             ticket.told_switching = True
             display = self._display(ticket.model)
@@ -319,6 +322,27 @@ class Switcher:
             self._send(ticket, Status(waking_line(display) if wake else switching_line(display)))
         if switch is not None and self.run_info is not None and self.run_info.load_started is not None:
             self._send(ticket, Status(self.run_info.loading_text()))
+
+    def _queued(self, ticket: Ticket) -> None:
+        """A request the scheduler queued: `⏳ Waiting for M (2 requests ahead)…` when something is in its
+        way, else `🔄 Switching to M…` (its switch starts as soon as linger allows). Said once the
+        scheduler is done with it, so that a switch it started at once says "Switching…" itself."""
+        if ticket.told_switching or ticket not in self.scheduler.queue or self._tell_waiting(ticket):
+            return
+        ticket.told_switching = True
+        display = self._display(ticket.model)
+        wake = self.scheduler.state_of(ticket.model or "") == "sleeping"
+        self._send(ticket, Status(waking_line(display) if wake else switching_line(display)))
+
+    def _tell_waiting(self, ticket: Ticket) -> bool:
+        """`⏳ Waiting for M (2 requests ahead)…` to a queued request with something in its way."""
+        if ticket.model is None or ticket.unload:
+            return False
+        other, ahead = self.scheduler.ahead(ticket)
+        if other is None:
+            return False
+        self._send(ticket, Status(waiting_line(self._display(other), ahead)))
+        return True
 
     def grant(self, ticket: Ticket) -> None:
         if ticket.model is None or ticket.unload:
@@ -449,6 +473,8 @@ class Switcher:
             text = run.loading_text()
             for ticket in switch.waiters:
                 self._send(ticket, Status(text))
+            for ticket in self.scheduler.queue:  # the requests queued behind this load: how far they are
+                self._tell_waiting(ticket)
             self.events.emit(SwitchProgress(run.switch_id, run.plan.target, run.phase, round(run.elapsed(), 3),
                                             text))
 

@@ -667,11 +667,14 @@ def deadline(seconds: float, what: str = "block") -> Iterator[None]:
 
 SWITCHING_RE = re.compile(r"^🔄 Switching to (?P<model>.+)…$")
 LOADING_RE = re.compile(r"^⏳ Loading (?P<model>.+)… (?P<n>\d+)s/(?P<timeout>\d+)s$")
-READY_RE = re.compile(r"^✅ (?P<model>.+) ready \(took (?P<n>\d+)s\)$")
+READY_RE = re.compile(r"^✅ (?P<model>.+) ready \(took (?P<n>\d+) s\)$")
+WAITING_RE = re.compile(r"^⏳ Waiting for (?P<model>.+) \((?P<n>\d+) requests? ahead\)…$")
+FINAL_RE = re.compile(r"^✅ (?P<model>.+?)(?: ready \(took (?P<took>\d+) s\))? · ⚡ (?P<rate>\d+(?:\.\d)?) tok/s · "
+                      r"(?P<tokens>\d+) tokens in (?P<secs>\d+(?:\.\d)?) s$")
 FAILED_RE = re.compile(r"^❌ (?P<model>.+?) failed to load: (?P<reason>.+)$", re.S)
 STATS_RE = re.compile(r"^⚡ (?P<rate>\d+(?:\.\d)?) tok/s \((?P<tokens>\d+) tokens in (?P<secs>\d+(?:\.\d)?)s\)$",
                       re.M)
-OWN_LINE_RES = (SWITCHING_RE, LOADING_RE, READY_RE, FAILED_RE)
+OWN_LINE_RES = (SWITCHING_RE, LOADING_RE, WAITING_RE, READY_RE, FAILED_RE)
 
 
 def is_status_line(line: str) -> bool:

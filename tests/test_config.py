@@ -571,7 +571,7 @@ def test_bad_commands(command: str, message: str) -> None:
         ("switch: {health_interval: .nan}", 1, "switch.health_interval: expected a number of seconds > 0"),
         ("switch: {status_channel: chat}", 1, "switch.status_channel: expected one of event, reasoning, "
                                               "content, none, got 'chat'"),
-        ("stats: 1", 1, "stats: expected true or false, got an integer '1'"),
+        ("stats: 1", 1, "stats: expected event, content or none (true means event, false none), got an integer '1'"),
         ("api_key: ''", 1, "api_key: expected a non-empty string (or null for no key), got ''"),
         ("colour: blue", 1, "colour: unknown key; allowed keys: listen, systemd, switch, timeouts, limits, "
                             "stats, api_key, api_keys, admin_api_keys, backends"),
@@ -744,3 +744,30 @@ def test_check_warns_about_a_symlinked_config_file_or_dropin_dir(tmp_path: Path,
         "never writes drop-ins through a symlink, so loading a model with a command or env on "
         "tabbyapi.service will fail: replace the link with a directory",
     ]
+
+
+@pytest.mark.parametrize(("value", "stats", "channel"), [
+    (None, True, "event"), ("null", True, "event"), ("true", True, "event"), ("false", False, "event"),
+    ("event", True, "event"), ("content", True, "content"), ("none", False, "event")])
+def test_stats_says_where_the_speed_goes(value: str | None, stats: bool, channel: str) -> None:
+    config = parse(MIN_CONFIG + (f"stats: {value}\n" if value is not None else ""))
+    assert (config.stats, config.stats_channel) == (stats, channel)
+
+
+def test_stats_with_another_value_is_a_problem() -> None:
+    problem = only(MIN_CONFIG + "stats: inline\n")
+    assert "stats: expected event, content or none" in str(problem) and "'inline'" in str(problem)
+
+
+def test_journal_and_systemctl_commands_work_where_the_router_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the demo's private manager (systemd-sandbox.sh sets SBX_DIR for its units) the plain commands
+    find nothing: its journal is a directory of its own and its bus sits in its mount namespace."""
+    user = parse(MIN_CONFIG + "systemd: {bus: user}\n")
+    monkeypatch.delenv("SBX_DIR", raising=False)
+    assert user.journalctl("x.service") == "journalctl --user-unit=x.service"
+    assert parse().journalctl("x.service") == "journalctl -u x.service"
+    monkeypatch.setenv("SBX_DIR", "/srv/demo dir/sandbox")
+    assert user.journalctl("x.service") == "journalctl -D '/srv/demo dir/sandbox/journal' --user-unit=x.service"
+    assert user.systemctl("status", "x.service").endswith(
+        "/router/demo/systemd-sandbox.sh exec '/srv/demo dir/sandbox' -- systemctl --user status x.service")
+    assert parse().journalctl("x.service") == "journalctl -u x.service"  # the system manager: as it is

@@ -6,6 +6,8 @@ and the admin endpoints."""
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -53,6 +55,14 @@ def test_unit_that_fails_at_start_non_streaming(sandbox: Sandbox, units: Units, 
     assert "m-bad" in msg and u.name in msg, msg
     assert "cannot load weights for m-bad" in msg, f"no journal tail in: {msg}"
     assert "exit" in msg.lower(), msg  # the unit's Result (exit-code) or status
+    # the engine's own line leads; the tail ends the message in a fenced block, systemd's lines last
+    assert msg.startswith(f"m-bad (unit {u.name}): cannot load weights for m-bad\nIt exited while loading"), msg
+    tail = msg[msg.index("```\n") + 4:msg.rindex("\n```")].splitlines()
+    assert any("cannot load weights for m-bad" in ln for ln in tail) and "Failed with result" in tail[-1], tail
+    # the journal command it suggests works where the router runs (here: the private manager's journal)
+    command = next(part for part in msg.split("`")[1::2] if part.startswith("journalctl"))
+    shown = subprocess.run([*shlex.split(command), "--no-pager"], capture_output=True, text=True, timeout=30)
+    assert "cannot load weights for m-bad" in shown.stdout, (command, shown.stdout, shown.stderr)
     assert sandbox.active_state(u.name) in ("failed", "inactive")
     st = rt.status()
     assert st["last_switch"]["ok"] is False and st["last_switch"]["target"] == "m-bad"
@@ -75,6 +85,7 @@ def test_unit_that_fails_at_start_streaming(sandbox: Sandbox, units: Units, rout
     assert lines and failed, res.content
     m = FAILED_RE.match(res.content[res.content.index("❌"):].strip())
     assert m and m["model"] == "m-bad", res.content
+    assert m["reason"].startswith("cannot load weights for m-bad"), res.content  # the engine's own words
     errors = res.error_chunks
     assert len(errors) == 1, res.chunks
     # Open WebUI ignores an `error` in a chunk that has choices

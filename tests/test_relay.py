@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
@@ -24,7 +25,7 @@ from router.app import create_app
 from router.config import Backend, Config, Model, Timeouts
 from router.events import Event, EventBus, RequestEnded
 from router.scheduler import Ticket
-from router.switcher import Granted
+from router.switcher import Granted, Status
 from router.upstream import Upstream
 
 pytestmark = pytest.mark.timeout(30)
@@ -118,11 +119,18 @@ class StandInSwitcher:
         self.events.subscribe(self.seen.append)
         self.released: list[Ticket] = []
         self.granted: list[Ticket] = []
+        self._script: dict[int, list[Status]] = {}
+
+        self.before_grant: list[Status] = []  # status lines every request gets before its grant
 
     def submit(self, model: str | None, priority: int = 1) -> Ticket:
-        return Ticket(model)
+        ticket = Ticket(model)
+        self._script[ticket.id] = list(self.before_grant)
+        return ticket
 
-    async def next_update(self, ticket: Ticket, timeout: float | None = None) -> Granted:
+    async def next_update(self, ticket: Ticket, timeout: float | None = None) -> Granted | Status:
+        if self._script.get(ticket.id):
+            return self._script[ticket.id].pop(0)
         ticket.granted = True
         self.granted.append(ticket)
         model = self.config.models[ticket.model or ""]
@@ -157,13 +165,14 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def rig(timeouts: Timeouts = DEFAULT_TIMEOUTS, stats: bool = True,
-              engine_port: int | None = None) -> AsyncIterator[Rig]:
+              engine_port: int | None = None, stats_channel: str = "event") -> AsyncIterator[Rig]:
     engine = Engine()
     await engine.start()
     port = engine_port or engine.port
     config = Config(config_dir=Path("/nonexistent"), stats=stats, timeouts=timeouts,
+                    stats_channel=stats_channel,  # type: ignore[arg-type]
                     backends={"e": Backend("e", "e.service", f"http://127.0.0.1:{port}")},
-                    models={"m": Model("m", "e")})
+                    models={"m": Model("m", "e", name="Model M")})
     switcher = StandInSwitcher(config)
     upstream = Upstream()
     app = create_app(switcher, upstream)  # type: ignore[arg-type]
@@ -338,3 +347,60 @@ async def test_the_idle_timer_does_not_outlive_a_finished_answer_on_a_pooled_con
             await asyncio.sleep(0.4)
         assert [e.outcome for e in r.switcher.ended()] == ["ok"] * 3
         assert r.engine.connections == 1  # kept alive, not dropped as timed out
+
+
+# --- what a streamed answer ends with -----------------------------------------------------------
+
+
+def _content(events: list[Any]) -> str:
+    return "".join((c.get("delta") or {}).get("content") or "" for e in events if isinstance(e, dict)
+                   for c in e.get("choices") or [])
+
+
+async def test_the_speed_is_the_final_status_event_not_part_of_the_answer() -> None:
+    async with rig() as r, httpx.AsyncClient(timeout=10) as c:
+        resp = await c.post(r.url + "/v1/chat/completions", json=body(True))
+        events = sse_events(resp.text)
+        assert _content(events) == " t0 t1 t2" and events[-1] == "[DONE]"
+        last = events[-2]
+        assert last["choices"] == [] and last["id"] == "up-1"
+        line = last["event"]["data"]["description"]
+        assert re.fullmatch(r"✅ Model M · ⚡ [\d.]+ tok/s · 3 tokens in [\d.]+ s", line), line
+        assert last["event"]["data"]["done"] is True
+        assert last["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+        assert last["timings"]["predicted_n"] == 3 and last["timings"]["prompt_n"] == 7
+        assert sum(1 for e in events if isinstance(e, dict) and "usage" in e) == 1
+
+
+async def test_stats_content_keeps_the_inline_line() -> None:
+    async with rig(stats_channel="content") as r, httpx.AsyncClient(timeout=10) as c:
+        resp = await c.post(r.url + "/v1/chat/completions", json=body(True))
+        events = sse_events(resp.text)
+        assert re.fullmatch(r" t0 t1 t2\n\n⚡ [\d.]+ tok/s \(3 tokens in [\d.]+s\)", _content(events))
+        assert not any("event" in e for e in events if isinstance(e, dict))
+
+
+async def test_after_a_wait_the_ready_line_and_the_final_status_say_how_long_the_user_waited() -> None:
+    async with rig() as r, httpx.AsyncClient(timeout=10) as c:
+        r.switcher.before_grant = [Status("🔄 Switching to Model M…")]
+        resp = await c.post(r.url + "/v1/chat/completions", json=body(True))
+        events = [e for e in sse_events(resp.text) if isinstance(e, dict)]
+        lines = [e["event"]["data"]["description"] for e in events if "event" in e]
+        assert lines[:2] == ["🔄 Switching to Model M…", "✅ Model M ready (took 0 s)"], lines
+        assert re.fullmatch(r"✅ Model M ready \(took 0 s\) · ⚡ [\d.]+ tok/s · 3 tokens in [\d.]+ s", lines[2])
+        assert len({e["id"] for e in events}) == 1
+
+
+async def test_streamed_text_completions_keep_the_cmpl_prefix_in_the_routers_chunks() -> None:
+    prompt = {"model": "m", "stream": True, "prompt": "Once"}
+    async with rig(Timeouts(connect=5, first_byte=60, idle=0.3)) as r, httpx.AsyncClient(timeout=10) as c:
+        resp = await c.post(r.url + "/v1/completions", json=prompt, headers={"x-engine": "stall"})
+        error = sse_events(resp.text)[-2]
+        assert error["error"]["code"] == "backend_timeout"
+        assert error["id"].startswith("cmpl-") and error["object"] == "text_completion"
+        r.switcher.before_grant = [Status("🔄 Switching to Model M…")]
+        resp = await c.post(r.url + "/v1/completions", json=prompt)
+        events = [e for e in sse_events(resp.text) if isinstance(e, dict)]
+        ids = {e["id"] for e in events}
+        assert len(ids) == 1 and ids.pop().startswith("cmpl-router-")
+        assert all(e["object"] == "text_completion" for e in events if "event" in e)

@@ -460,3 +460,22 @@ def test_deactivating_counts_as_running():
     s, _rec, _clock = make()
     s.on_unit_state("one.service", "deactivating")
     assert "one.service" in s.running
+
+
+def test_ahead_says_what_a_queued_request_waits_behind_and_how_many_come_first(sched):
+    s, rec = sched
+    a1 = request(s, "a")  # a loads, with two requests on it
+    a2 = request(s, "a")
+    b1 = request(s, "b")
+    c1 = request(s, "c")
+    b2 = request(s, "b")
+    assert s.ahead(b1) == ("a", 2)  # the load in flight and its requests
+    assert s.ahead(c1) == ("a", 3)  # ... and b1, queued before it
+    assert s.ahead(b2) == ("a", 3)  # b1 is not ahead of b2: they are served together
+    switch_done(s, None, {"one.service"})
+    assert s.ahead(b1) == ("a", 2)  # a's two answers stream now
+    s.on_done(a1)
+    s.on_done(a2)
+    assert s.switch is not None and s.switch.target == "b"
+    assert s.ahead(c1) == ("b", 2)
+    assert rec.take("grant")[:2] == [a1.id, a2.id]

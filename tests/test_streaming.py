@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from sandbox import (
+    FINAL_RE,
     LOADING_RE,
     READY_RE,
     STATS_RE,
@@ -72,10 +73,11 @@ def test_status_chunks_in_each_channel(sandbox: Sandbox, units: Units, router: R
     with rt.client() as c:
         res = stream_request(c, "/v1/chat/completions", chat_body("m-a", stream=True))
     check_chunk_stream(res)
-    lines = status_lines(res, channel) if channel != "none" else []
+    lines = [ln for ln in status_lines(res, channel) if not FINAL_RE.match(ln)] if channel != "none" else []
     backend_text = "I am m-a. token1 token2 token3 token4 token5 token6 token7"
+    routers = [e for e in res.status_events if not FINAL_RE.match(e["data"]["description"])]
     if channel == "none":
-        assert not res.status_events and not res.reasoning
+        assert not routers and not res.reasoning
         assert not any(is_status_line(ln) for ln in res.content.split("\n")), res.content
         assert res.content.startswith(backend_text), res.content
         return
@@ -84,10 +86,12 @@ def test_status_chunks_in_each_channel(sandbox: Sandbox, units: Units, router: R
     assert len(loading) >= 1, lines
     assert all(LOADING_RE.match(ln)["timeout"] == "20" for ln in loading)  # type: ignore[index]
     assert READY_RE.match(lines[-1]) and READY_RE.match(lines[-1])["model"] == "Model A", lines
+    final = FINAL_RE.match(res.status_events[-1]["data"]["description"])  # the speed: a status event whatever
+    assert final and final["model"] == "Model A" and final["took"] is not None, res.status_events  # the channel
     if channel == "event":
         events = res.status_events
         assert all(e["type"] == "status" for e in events)
-        assert [e["data"]["done"] for e in events] == [False] * (len(events) - 1) + [True]
+        assert [e["data"]["done"] for e in events] == [False] * (len(events) - 2) + [True, True]
         status_chunks = [c for c in res.chunks if "event" in c]
         assert all(c["choices"] == [] for c in status_chunks)
         assert not any(is_status_line(ln) for ln in res.content.split("\n"))
@@ -95,9 +99,9 @@ def test_status_chunks_in_each_channel(sandbox: Sandbox, units: Units, router: R
     elif channel == "reasoning":
         assert not any(is_status_line(ln) for ln in res.content.split("\n"))
         assert res.content.startswith(backend_text), res.content
-        assert not res.status_events
+        assert not routers
     else:  # content: the lines come first, then the backend's answer
-        assert not res.status_events and not res.reasoning
+        assert not routers and not res.reasoning
         head = "\n".join(lines) + "\n"
         assert res.content.startswith(head) and res.content[len(head):].startswith(backend_text), res.content
     # status arrives before any backend token
@@ -120,7 +124,7 @@ def test_content_channel_lines_are_stripped_from_the_next_request(sandbox: Sandb
                                                                    router: Router, tmp_path: Path) -> None:
     rec = tmp_path / "record.jsonl"
     rt, _ = one_backend(units, router, args=("--record", str(rec), "--load-delay", "1.2"),
-                        switch={"status_channel": "content"})
+                        switch={"status_channel": "content"}, stats="content")
     with rt.client() as c:
         first = stream_request(c, "/v1/chat/completions", chat_body("m-a", "first question", stream=True))
         check_chunk_stream(first)
@@ -192,9 +196,35 @@ def test_stream_is_relayed_as_it_arrives(sandbox: Sandbox, units: Units, router:
     assert token_times[-1] - token_times[0] > 0.6, token_times
 
 
+def _after_finish(res: StreamResult) -> list[dict[str, object]]:
+    first = next(i for i, ch in enumerate(res.chunks) if any(c.get("finish_reason") for c in ch.get("choices") or []))
+    return res.chunks[first + 1:]
+
+
 @pytest.mark.parametrize("include_usage", [True, False])
-def test_stats_line_and_usage_once(sandbox: Sandbox, units: Units, router: Router, include_usage: bool) -> None:
-    rt, _ = one_backend(units, router, args=("--tokens", "6"))
+def test_the_speed_is_the_final_status_event_with_usage_once(sandbox: Sandbox, units: Units, router: Router,
+                                                             include_usage: bool) -> None:
+    rt, _ = one_backend(units, router, args=("--tokens", "6"), stats=None)  # the default: stats: event
+    body = chat_body("m-a", stream=True)
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    with rt.client() as c:
+        c.post("/v1/chat/completions", json=chat_body("m-a"))  # loaded: no wait folds into the line
+        res = stream_request(c, "/v1/chat/completions", body)
+    check_chunk_stream(res)
+    assert not stats_lines(res.content) and "⚡" not in res.content, res.content
+    last = res.chunks[-1]
+    final = FINAL_RE.match(last["event"]["data"]["description"])
+    assert final and final["tokens"] == "6" and final["took"] is None and last["event"]["data"]["done"] is True
+    assert res.usage_chunks == [last] and last["choices"] == [] and last["usage"]["completion_tokens"] == 6
+    assert [ch for ch in res.chunks if "timings" in ch] == [last] and last["timings"]["predicted_n"] == 6
+    assert all(ch["choices"] == [] for ch in _after_finish(res))  # nothing after the finishing chunk
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_stats_content_line_and_usage_once(sandbox: Sandbox, units: Units, router: Router,
+                                           include_usage: bool) -> None:
+    rt, _ = one_backend(units, router, args=("--tokens", "6"), stats="content")
     body = chat_body("m-a", stream=True)
     if include_usage:
         body["stream_options"] = {"include_usage": True}
@@ -209,10 +239,11 @@ def test_stats_line_and_usage_once(sandbox: Sandbox, units: Units, router: Route
     assert usage[0]["usage"]["completion_tokens"] == 6
     assert sum(1 for ch in res.chunks if "timings" in ch) <= 1
     stats_chunk = next(ch for ch in res.chunks if any(STATS_RE.search(t) for t in _texts(ch)))
-    idx_stats, idx_usage = res.chunks.index(stats_chunk), res.chunks.index(usage[0])
-    if include_usage:  # OpenAI's separate usage chunk, after the stats line
-        assert usage[0]["choices"] == [] and idx_usage > idx_stats
-    else:  # usage + llama.cpp-style timings on the stats chunk
+    assert stats_chunk["choices"][0]["finish_reason"] is not None  # the line is in the finishing chunk
+    assert all(ch["choices"] == [] for ch in _after_finish(res))
+    if include_usage:  # OpenAI's separate usage chunk, after the finishing chunk
+        assert usage[0]["choices"] == [] and res.chunks.index(usage[0]) > res.chunks.index(stats_chunk)
+    else:  # usage + llama.cpp-style timings on the finishing chunk
         assert usage[0] is stats_chunk
         assert "timings" in stats_chunk and stats_chunk["timings"]["predicted_n"] == 6
 
@@ -223,8 +254,8 @@ def test_stats_without_backend_usage_counts_chunks(sandbox: Sandbox, units: Unit
         res = stream_request(c, "/v1/chat/completions",
                              chat_body("m-a", stream=True, stream_options={"include_usage": True}))
     check_chunk_stream(res)
-    stats = stats_lines(res.content)
-    assert len(stats) == 1 and stats[0]["tokens"] == "5", res.content
+    final = FINAL_RE.match(res.status_events[-1]["data"]["description"])
+    assert final and final["tokens"] == "5", res.status_events
     assert len(res.usage_chunks) <= 1
 
 

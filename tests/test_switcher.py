@@ -241,3 +241,78 @@ async def test_a_unit_stopped_behind_the_routers_back_while_loading_says_so(tmp_
         assert "Fix the model's command" not in failed.message
     finally:
         await sw.close()
+
+
+async def test_a_request_queued_behind_another_models_load_is_told_how_far_it_is(tmp_path: Path):
+    """Not one silent "Switching…" for the whole wait: "⏳ Waiting for a (1 request ahead)…" lines while a
+    loads for another chat, then "🔄 Switching to b…" once its own switch starts."""
+    from router.switcher import Status
+
+    ready = asyncio.Event()
+
+    async def slow(url: str, timeout: float) -> bool:
+        return ready.is_set()
+
+    config = make_config(tmp_path)
+    config = Config(config_dir=tmp_path, backends=config.backends, models=config.models,
+                    switch=SwitchSettings(linger=0, health_interval=0.01, status_every=0.05))
+    sw = Switcher(config, FakeSystemd(), slow)
+    await sw.start()
+    try:
+        first = sw.submit("a")
+        assert isinstance(await asyncio.wait_for(sw.next_update(first), 5), Status)  # Switching to a…
+        second = sw.submit("b")
+        lines = []
+        while len(lines) < 3:
+            update = await asyncio.wait_for(sw.next_update(second), 5)
+            assert isinstance(update, Status)
+            lines.append(update.text)
+        assert lines == ["⏳ Waiting for a (1 request ahead)…"] * 3, lines
+        ready.set()
+        granted = await asyncio.wait_for(_until_granted(sw, first), 5)
+        assert isinstance(granted, Granted)
+        sw.done(first)
+        update = await asyncio.wait_for(sw.next_update(second), 5)
+        while isinstance(update, Status) and update.text.startswith("⏳ Waiting"):
+            update = await asyncio.wait_for(sw.next_update(second), 5)
+        assert isinstance(update, Status) and update.text == "🔄 Switching to b…"
+        assert isinstance(await asyncio.wait_for(_until_granted(sw, second), 5), Granted)
+        sw.done(second)
+    finally:
+        await sw.close()
+
+
+async def _until_granted(sw: Switcher, ticket: object) -> object:
+    while True:
+        update = await sw.next_update(ticket)  # type: ignore[arg-type]
+        if isinstance(update, (Granted, Failed)):
+            return update
+
+
+def test_a_failed_loads_message_leads_with_the_engines_own_line_then_the_journal_in_a_fence():
+    journal = ("systemd: Started llamacpp.service - llama.cpp server.",
+               "python3: loading weights",
+               "python3: llama_server: model file not found: /models/x.gguf",
+               "python3: main: exiting due to model loading error",
+               "systemd: llamacpp.service: Main process exited, code=exited, status=2/INVALIDARGUMENT",
+               "systemd: llamacpp.service: Failed with result 'exit-code'.")
+    e = LoadFailure("tiny-a", "llamacpp.service", "exited while loading (exited with status 2).",
+                    "Fix the model's command; `journalctl --user-unit=llamacpp.service` has the whole log.", journal)
+    assert e.reason == "model file not found: /models/x.gguf"  # without the program's name
+    head, _, tail = e.message("Tiny A").partition("\nLast journal lines:\n")
+    assert head == ("Tiny A (unit llamacpp.service): model file not found: /models/x.gguf\n"
+                    "It exited while loading (exited with status 2). Fix the model's command; "
+                    "`journalctl --user-unit=llamacpp.service` has the whole log.")
+    assert tail == "```\n" + "\n".join(journal) + "\n```"
+    # only systemd's lines: what failed leads, as before
+    manager_only = LoadFailure("a", "u", "exited while loading (killed by signal 9).", journal=journal[-2:])
+    assert manager_only.reason == "exited while loading (killed by signal 9)"
+    assert manager_only.message().startswith("a (unit u): exited while loading (killed by signal 9).\n")
+    # the fence is longer than any backtick run in the lines
+    quoted = LoadFailure("a", "u", "exited.", journal=("python3: error: bad ```block```",))
+    assert quoted.message().endswith("````\npython3: error: bad ```block```\n````")
+    assert quoted.reason == "error: bad ```block```"  # a log level is not a program's name
+    python = LoadFailure("a", "u", "exited.", journal=("vllm: Traceback (most recent call last):",
+                                                         "vllm: ValueError: max_model_len 8192 is too large",
+                                                         "vllm: RuntimeError: see root cause above"))
+    assert python.reason == "ValueError: max_model_len 8192 is too large"
