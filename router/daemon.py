@@ -61,7 +61,7 @@ async def serve(config_dir: Path) -> int:
     http = make_http()
     systemd = Systemd(bus_address(config.systemd.bus), lambda: set(switcher.config.managed_units()))
     switcher = Switcher(config, systemd, http.probe, port_check=ports.url_in_use, memory=NvmlMemory(systemd),
-                        sleeper=engine_sleep)
+                        sleeper=engine_sleep.PooledSleeper(lambda: http.session))
     observability = await Observability.start(switcher)  # before the switcher starts: it sees the adoption
     switcher.expected_load = observability.expected_load_seconds
     try:

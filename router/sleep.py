@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -118,3 +118,20 @@ def _hint(spec: SleepSpec, status: int) -> str:
     if spec.kind == "sglang":
         return " (run SGLang with --enable-memory-saver)"
     return " (check the paths of the backend's sleep: spec)"
+
+
+class PooledSleeper:
+    """The executor's SleepDriver on one shared session (the daemon's pooled one): ~10 ms less per call
+    than a session of its own. `session` is read at each call, so a lazily opened pool works."""
+
+    def __init__(self, session: Callable[[], aiohttp.ClientSession]) -> None:
+        self._session = session
+
+    async def enter(self, url: str, spec: SleepSpec, timeout: float) -> None:
+        await enter(url, spec, timeout, self._session())
+
+    async def leave(self, url: str, spec: SleepSpec, timeout: float) -> None:
+        await leave(url, spec, timeout, self._session())
+
+    async def is_sleeping(self, url: str, spec: SleepSpec, timeout: float) -> bool | None:
+        return await is_sleeping(url, spec, timeout, self._session())
