@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import structlog
@@ -169,6 +169,13 @@ class PlanExecutor:
             await self._memory_free(plan, config, run)
         if plan.wake and await self._wake(config, model, backend, unit, run):
             return None
+        if plan.adopt and model.command is not None and not model.unit and (
+                argv := await self._exec_start_mismatch(unit, model)) is not None:
+            # the drop-in says this model, but systemd runs something else (a daemon-reload that failed, a
+            # start behind the router's back): never adopt it; load the model properly instead
+            log.warning("adopt_refused", model=model.id, unit=unit, runs=quote_argv(argv),
+                        action="restarting it with the model's command")
+            plan = replace(plan, adopt=False, dropin=unit)
         if plan.adopt and backend.sleep is not None and self.sleeper is not None:
             with contextlib.suppress(Exception):  # unknown: treated as awake, as before
                 run.asleep = bool(await self.sleeper.is_sleeping(config.url_of(model), backend.sleep, 5.0))

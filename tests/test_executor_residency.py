@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from test_switcher import FakeSystemd, answer, healthy
 
-from router.config import SLEEP_KINDS, Backend, Config, Gpu, Model, Residency, SwitchSettings
+from router.config import SLEEP_KINDS, Backend, Config, Gpu, Model, Residency, SwitchSettings, SystemdSettings
 from router.gpumemory import NvmlMemory
 from router.switcher import Granted, Switcher
 
@@ -126,5 +126,37 @@ async def test_an_admin_sleep_puts_a_loaded_model_to_sleep(tmp_path: Path) -> No
         assert type(update).__name__ == "Unloaded"
         assert sw.model_state("a") == "sleeping" and "sleep http://127.0.0.1:9101" in rec.log
         assert systemd.active == {"eng@a.service"}  # asleep, not stopped
+    finally:
+        await sw.close()
+
+
+async def test_a_unit_whose_dropin_systemd_never_loaded_is_restarted_not_adopted(tmp_path: Path) -> None:
+    """Found by the stateful test: the drop-in said model a (its daemon-reload had failed) while systemd ran
+    the unit's own ExecStart; adopting it served a from the wrong engine."""
+    from router.execstart import DROPIN_NAME, render_dropin
+
+    backends = {"one": Backend("one", "one.service", "http://127.0.0.1:9")}
+    models = {"a": Model("a", "one", command=("/bin/a",))}
+    config = Config(config_dir=tmp_path, backends=backends, models=models,
+                    systemd=SystemdSettings(bus="user", dropin_dir=tmp_path),
+                    switch=SwitchSettings(linger=0, health_interval=0.01))
+    (tmp_path / "one.service.d").mkdir()
+    (tmp_path / "one.service.d" / DROPIN_NAME).write_text(render_dropin(models["a"]))
+    class NeverReloaded(FakeSystemd):  # its ExecStart is not the drop-in's until a daemon-reload
+        reloaded = False
+
+        async def reload(self) -> None:
+            self.reloaded = True
+
+        async def exec_start(self, name: str) -> list[list[str]]:
+            return [["/bin/a"]] if self.reloaded else [["/usr/bin/engine-default"]]
+
+    systemd = NeverReloaded()
+    systemd.active.add("one.service")
+    sw = Switcher(config, systemd, healthy)
+    await sw.start()
+    try:
+        assert isinstance(await answer(sw, "a"), Granted)
+        assert systemd.starts == ["one.service"]  # restarted with the model's command, not adopted as it ran
     finally:
         await sw.close()

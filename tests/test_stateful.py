@@ -975,3 +975,4 @@ def test_a_reload_stops_a_unit_adopted_after_a_bus_outage_when_it_removes_its_mo
         m.bus_outage(seconds=0.5)
         m.reload(models={"a"}, bump=set(), move_two=False, drop_two=False)
     replay("reload_stops_unmanaged", steps, ResidentSetMachine)
+
