@@ -588,3 +588,84 @@ async def test_a_failed_load_for_upstream_and_rerank_is_an_openai_error(tmp_path
         full = await r.client.post("/v1/messages", json=messages_body(stream=False))
         assert full.status_code == 429 and full.headers["retry-after"] == "5"
         assert full.json()["error"]["type"] == "rate_limit_error"
+
+
+# --- the pure pieces ------------------------------------------------------------------------------
+
+
+def engine_stream() -> bytes:
+    events = [
+        ("message_start", {"type": "message_start", "message": {"id": "msg_e", "type": "message", "role": "assistant",
+                                                                "content": [], "usage": {"input_tokens": 7,
+                                                                                         "output_tokens": 0}}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}}}),
+        ("ping", {"type": "ping"}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "input_json_delta", "partial_json": '{"index": 0, "a": "\\n\\n"'}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+                           "usage": {"output_tokens": 3}}),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    return b"".join(fake_backend.sse_event(name, data) for name, data in events)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 7, 64, 10_000])
+def test_message_shift_moves_every_block_up_one_whatever_the_reads(cut: int) -> None:
+    from router.anthropic import MessageShift
+
+    raw = engine_stream()
+    shift = MessageShift()
+    out = b"".join(shift.feed(raw[i:i + cut]) for i in range(0, len(raw), cut)) + shift.finish()
+    events = parse_sse(out.decode())
+    assert events.names() == ["content_block_start", "ping", "content_block_delta", "content_block_stop",
+                              "message_delta", "message_stop"]
+    assert {e.data["index"] for e in events.named if "index" in e.data} == {1}
+    assert events.of("content_block_delta")[0]["delta"]["partial_json"] == '{"index": 0, "a": "\\n\\n"'
+    assert events.of("message_delta")[0]["usage"] == {"input_tokens": 7, "output_tokens": 3}
+    assert b'event: ping\ndata: {"type": "ping"}\n\n' in out  # untouched events keep their bytes
+
+
+def test_multipart_fields_are_found_without_touching_the_file() -> None:
+    from router import multipart
+
+    body, headers = form([("file", b"--b0und4ry-ish\r\n\r\nname=\"model\"", "x.wav"), ("model", b"tiny", None),
+                          ("stream", b"true", None)])
+    boundary = multipart.boundary_of(headers["content-type"])
+    assert boundary == "b0und4ry"
+    assert multipart.boundary_of('multipart/form-data; boundary="q b"') == "q b"
+    assert multipart.boundary_of("application/json") is None
+    fields = multipart.find_fields(body, boundary, ("model", "stream"))
+    assert fields is not None and fields["model"].value == b"tiny" and fields["stream"].value == b"true"
+    renamed = multipart.replace_field(body, fields["model"], b"org/tiny-v2")
+    again = multipart.find_fields(renamed, boundary, ("model",))
+    assert again is not None and again["model"].value == b"org/tiny-v2"
+    assert multipart.find_fields(body[:40], boundary, ("model",)) is None  # cut short
+    assert multipart.find_fields(b"no parts", boundary, ("model",)) is None
+    assert multipart.find_fields(form([("file", b"x", "a")])[0], boundary, ("model",)) == {}
+
+
+async def test_an_engine_that_stalls_mid_message_ends_the_stream_with_an_error_event(tmp_path: Path) -> None:
+    head = fake_backend.sse_event("message_start", {"type": "message_start", "message": {"id": "msg_e", "content": [],
+                                                                                         "usage": {}}})
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                     + b"%x\r\n%s\r\n" % (len(head), head))
+        await writer.drain()
+        await reader.read()
+
+    server = await asyncio.start_server(stall, "127.0.0.1", 0)
+    try:
+        async with rig(tmp_path, engine_port=server.sockets[0].getsockname()[1],
+                       timeouts=Timeouts(connect=5, first_byte=5, idle=0.3)) as r:
+            resp = await r.client.post("/v1/messages", json=messages_body())
+            events = parse_sse(resp.text)
+            assert events.names() == ["message_start", "error"]
+            assert "timeouts.idle" in events.of("error")[0]["error"]["message"]
+            await r.released()
+            assert (r.switcher.ended[0].status, r.switcher.ended[0].outcome) == (504, "timeout")
+    finally:
+        server.close()
