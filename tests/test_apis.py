@@ -594,7 +594,7 @@ async def test_a_failed_load_for_upstream_and_rerank_is_an_openai_error(tmp_path
 
 
 def engine_stream() -> bytes:
-    events = [
+    events: list[tuple[str, dict[str, Any]]] = [
         ("message_start", {"type": "message_start", "message": {"id": "msg_e", "type": "message", "role": "assistant",
                                                                 "content": [], "usage": {"input_tokens": 7,
                                                                                          "output_tokens": 0}}}),
