@@ -174,7 +174,7 @@ class ApiRoutes:
             raw_path = request.scope.get("raw_path") or request.url.path.encode()
             rest = raw_path.decode("latin-1").split("?", 1)[0][len("/upstream/"):]
             model, target = self._upstream_target(rest)
-            query = request.url.query
+            query = request.scope.get("query_string", b"").decode("latin-1")
             body = await self._read(request, _PLAIN)
             target += f"?{query}" if query else ""
             return await self._relay(request, "/upstream", model, body, False, _PLAIN, target=target,
@@ -242,10 +242,13 @@ class ApiRoutes:
         if priority is None:
             return shape.error_response(400, "X-Request-Priority must be high, normal or low.", "invalid_header")
         config = self.config
+        if target is None:  # the endpoint's own path, with the client's query (Claude Code sends ?beta=true)
+            query = request.scope.get("query_string", b"").decode("latin-1")
+            target = f"{path}?{query}" if query else path
         call = ApiCall(path=path, model_id=model.id, body=body,
                        headers=upstream_headers(request, drop_auth=bool(config.client_keys)), stream=stream,
                        client_usage=False, ticket=self.switcher.submit(model.id, priority),
-                       target=path if target is None else target, method=method, shape=shape)
+                       target=target, method=method, shape=shape)
         try:
             return await self.relay.handle(request, call)
         except BaseException:

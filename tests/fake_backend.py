@@ -140,7 +140,7 @@ class FakeBackend:
         self.requests = 0
         self.headers: dict[str, str] = {}  # of the request being answered
         self.query = ""
-        self.received: deque[tuple[str, dict[str, str], bytes]] = deque(maxlen=32)  # path, headers, body bytes
+        self.received: deque[tuple[str, str, dict[str, str], bytes]] = deque(maxlen=32)  # path, query, headers, body
 
     # --- state -------------------------------------------------------------------------------
     def healthy(self) -> bool:
@@ -177,7 +177,7 @@ class FakeBackend:
                 keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
                 path, _, query = target.partition("?")
                 self.headers, self.query = headers, query
-                self.received.append((path, headers, raw))
+                self.received.append((path, query, headers, raw))
                 await self.route(method, path, raw, writer, keep)
                 if not keep:
                     return

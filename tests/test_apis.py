@@ -97,7 +97,7 @@ class Rig:
         return [r["body"] for r in map(json.loads, lines) if r["path"] == path]
 
     def raw(self, path: str) -> bytes:
-        return [body for p, _, body in self.engine.received if p == path][-1]
+        return [body for p, _, _, body in self.engine.received if p == path][-1]
 
     async def released(self, n: int = 1) -> None:
         for _ in range(300):
@@ -365,7 +365,7 @@ async def test_claude_codes_recorded_request_goes_through_with_the_routers_think
                                 {**m, "content": [b for b in m["content"] if b.get("signature") != ROUTER_SIGNATURE]}
                                 for m in history]
         assert sent == expected  # everything else exactly as Claude Code sent it: tools, thinking, context_management
-        assert r.engine.received[-1][0] == "/v1/messages"
+        assert r.engine.received[-1][:2] == ("/v1/messages", "beta=true")  # the query goes along
 
 
 async def test_the_anthropic_sdks_recorded_requests_stream_and_count(tmp_path: Path) -> None:
