@@ -101,10 +101,10 @@ class ApiRoutes:
             name, model = self._model(body.get("model"), _ANTHROPIC_ERRORS)
             if not isinstance(body.get("messages"), list):
                 raise _bad(_ANTHROPIC_ERRORS, 400, "The request has no `messages` list.", "missing_field", "messages")
-            stream = body.get("stream") is True
-            shape = AnthropicShape(name, thinking=stream and wants_thinking(body))
             changed = _ROUTER_SIGNATURE in raw and strip_router_thinking(body["messages"])
             upstream = self._engine_body(raw, body, model, changed)
+            stream = body.get("stream") is True  # as the engine gets it (params may set it)
+            shape = AnthropicShape(name, thinking=stream and wants_thinking(body))
             return await self._relay(request, "/v1/messages", model, upstream, stream, shape)
         except _Refused as refused:
             return refused.response
@@ -229,11 +229,12 @@ class ApiRoutes:
 
     @staticmethod
     def _engine_body(raw: bytes, body: dict[str, Any], model: Model, changed: bool) -> bytes:
-        """What goes to the engine: the client's bytes, unless the model is renamed, has params, or `changed`."""
-        if model.upstream_model:
-            body["model"], changed = model.upstream_model, True
+        """What goes to the engine (`body` is changed in place): the client's bytes, unless the model has
+        params, is renamed, or the caller `changed` the body. Params first, then the name, as for chat."""
         if has_params(model):
             changed = apply_params(body, model) or changed
+        if model.upstream_model:
+            body["model"], changed = model.upstream_model, True
         return encode_json(body) if changed else raw
 
     async def _relay(self, request: Request, path: str, model: Model, body: bytes, stream: bool, shape: WaitShape,

@@ -134,15 +134,19 @@ class ResponsesShape(PlainShape):
         return self.error(failed.message, failed.error.code, status)
 
     def error(self, message: str, code: str, status: int, tail: bytes = b"") -> bytes:
+        """`error`, numbered after the engine's last event; `response.failed` too when the engine never
+        spoke (once it did, its response is the one that failed: a second response id would confuse)."""
         found = _SEQUENCE.findall(tail)
         seq = int(found[-1]) + 1 if found else 0
+        error = _event("error", {"type": "error", "code": code, "message": message, "param": None,
+                                 "sequence_number": seq})
+        if tail:
+            return error
         response = {"id": f"resp_router_{uuid.uuid4().hex[:24]}", "object": "response",
                     "created_at": int(time.time()), "status": "failed", "model": self.model, "output": [],
                     "error": {"code": code, "message": message}}
-        return (_event("error", {"type": "error", "code": code, "message": message, "param": None,
-                                 "sequence_number": seq})
-                + _event("response.failed", {"type": "response.failed", "response": response,
-                                             "sequence_number": seq + 1}))
+        return error + _event("response.failed", {"type": "response.failed", "response": response,
+                                                  "sequence_number": seq + 1})
 
 
 def _event(name: str, data: Mapping[str, Any]) -> bytes:

@@ -669,3 +669,29 @@ async def test_an_engine_that_stalls_mid_message_ends_the_stream_with_an_error_e
             assert (r.switcher.ended[0].status, r.switcher.ended[0].outcome) == (504, "timeout")
     finally:
         server.close()
+
+
+async def test_a_responses_stream_that_stalls_ends_with_an_error_numbered_after_the_engines_events(
+        tmp_path: Path) -> None:
+    head = fake_backend.sse_event("response.created", {"type": "response.created", "sequence_number": 0,
+                                                       "response": {"id": "resp_e", "status": "in_progress"}})
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                     + b"%x\r\n%s\r\n" % (len(head), head))
+        await writer.drain()
+        await reader.read()
+
+    server = await asyncio.start_server(stall, "127.0.0.1", 0)
+    try:
+        async with rig(tmp_path, engine_port=server.sockets[0].getsockname()[1],
+                       timeouts=Timeouts(connect=5, first_byte=5, idle=0.3)) as r:
+            r.switcher.script = [*LOADING, granted(r)]
+            resp = await r.client.post("/v1/responses", json={"model": "m", "input": "hi", "stream": True})
+            events = parse_sse(resp.text)
+            assert events.names() == ["response.created", "error"]  # no second response: the engine's failed
+            error = events.of("error")[0]
+            assert error["sequence_number"] == 1 and error["code"] == "backend_timeout"
+    finally:
+        server.close()
