@@ -472,15 +472,13 @@ do_install() {
     mkdir -p "$UNIT_DIR"
     "$RUN_PY" -m router.installer "${unit_args[@]}" > "$TMP/$ROUTER_UNIT"
     install_file "$TMP/$ROUTER_UNIT" "$UNIT_DIR/$ROUTER_UNIT"
+    # the backends' units (and the template of each engine: llamacpp@.service beside llamacpp.service),
+    # installed, never started: the router starts them (a template's instances too)
     local unit
     while IFS= read -r unit; do
         [ -n "$unit" ] || continue
-        if [ -f "$REPO/units/$unit" ]; then
-            install_file "$REPO/units/$unit" "$UNIT_DIR/$unit"
-        fi
-    done < <("$RUN_PY" -c 'import sys
-from router.config import load_config
-for b in load_config(__import__("pathlib").Path(sys.argv[1])).backends.values(): print(b.unit)' "$CONFIG_DIR")
+        install_file "$REPO/units/$unit" "$UNIT_DIR/$unit"
+    done < <("$RUN_PY" -m router.installer backend-units --config-dir "$CONFIG_DIR" --units-dir "$REPO/units")
     echo "venv $VENV $VENV_EXTERNAL" > "$PREFIX/install-venv"
 
     # --- start ---
@@ -532,9 +530,13 @@ do_uninstall() {
     # backend unit templates install.sh put there: stop them, drop the router's drop-in, remove them
     local files=()
     if [ -f "$MANIFEST" ]; then mapfile -t files < <(awk '{ print $2 }' "$MANIFEST"); fi
-    local stop_units=() unit
+    local stop_units=() unit i
     for f in "${files[@]}"; do
         case $f in "$UNIT_DIR"/*.service) unit=${f##*/}; [ "$unit" = "$ROUTER_UNIT" ] || stop_units+=("$unit") ;; esac
+    done
+    # a template (llamacpp@.service) cannot be stopped itself: its instances can (llamacpp@*.service)
+    for i in "${!stop_units[@]}"; do
+        case ${stop_units[$i]} in *@.service) stop_units[$i]="${stop_units[$i]%@.service}@*.service" ;; esac
     done
     if [ ${#stop_units[@]} -gt 0 ]; then
         "${SCTL[@]}" stop "${stop_units[@]}" >/dev/null 2>&1 || true

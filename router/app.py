@@ -123,7 +123,7 @@ class Api:
         config = self.switcher.config
         data = [{"id": m.id, "object": "model", "created": 0, "owned_by": "llm-router",
                  "name": m.display_name, "state": self.switcher.model_state(m.id),
-                 "backend": m.backend, "unit": config.unit_of(m)} for m in config.models.values()]
+                 "backend": m.backend, "unit": config.unit_of(m)} for m in config.models.values() if not m.unlisted]
         return JSONResponse({"object": "list", "data": data})
 
     async def chat(self, request: Request) -> Response:
@@ -161,7 +161,7 @@ class Api:
         resolved = config.resolve(model_id)  # an id or an alias
         model = config.models.get(resolved) if resolved is not None else None
         if model is None:
-            known = ", ".join(config.models)
+            known = ", ".join(m.id for m in config.models.values() if not m.unlisted)
             return JSONResponse(error_body(f"The model `{model_id}` does not exist. Known models: {known}. "
                                            "Add it to models.yml to use it.", "model_not_found",
                                            "invalid_request_error", "model"), status_code=404)
@@ -171,6 +171,8 @@ class Api:
         client_usage = stream and isinstance(options, dict) and bool(options.get("include_usage"))
         if model.upstream_model:
             body["model"], changed = model.upstream_model, True
+        elif model_id != model.id:
+            body["model"], changed = model.id, True  # asked for by an alias
         if required == "messages" and (config.switch.status_channel == "content" or config.stats):
             changed = strip_history(body["messages"]) or changed
         if stream and config.stats and not client_usage and required == "messages" \
@@ -238,8 +240,16 @@ class Api:
         cooldowns = {m: {"error": c.failure.message(), "failed_ago": round(now - c.at, 1),
                          "retry_in": round(max(c.at + config.switch.failure_cooldown - now, 0), 1)}
                      for m, c in s.cooldowns.items()}
+        models = {}
+        for m in config.models.values():
+            r = s.resident.get(m.id)
+            models[m.id] = {"state": self.switcher.model_state(m.id), "unit": config.unit_of(m),
+                            "vram_gb": m.vram_gb, "measured_gb": s.measured.get(m.id), "gpu": m.gpu,
+                            "persistent": m.persistent, "serving": s.serving.get(m.id, 0),
+                            "idle_for": round(now - r.last_used, 1) if r is not None and not s.serving.get(m.id)
+                            else None}
         return JSONResponse({
-            "active_model": s.active, "switch": switch, "queued": queued, "serving": dict(s.serving),
+            "active_model": s.active, "models": models, "switch": switch, "queued": queued, "serving": dict(s.serving),
             "waiting": {m: {"requests": n, "oldest_wait": round(oldest.get(m, 0.0), 3)} for m, n in waiting.items()},
             "cooldowns": cooldowns,
             "run_loop": {"alive": self.switcher.alive, "handler_errors": self.switcher.handler_errors},
@@ -259,8 +269,9 @@ class Api:
         body = parse_body(raw or b"{}") if not isinstance(raw, BadBody) else raw
         if isinstance(body, BadBody):
             return refuse(body)
-        model_id = body.get("model")
-        if not isinstance(model_id, str) or model_id not in self.switcher.config.models:
+        model_id = self.switcher.config.resolve(body.get("model")) if isinstance(body.get("model"), str) else None
+        if model_id is None:
+            model_id = body.get("model")
             known = ", ".join(self.switcher.config.models)
             return JSONResponse(error_body(f"Unknown model `{model_id}`. Known models: {known}.",
                                            "model_not_found", param="model"), status_code=404)
@@ -284,9 +295,23 @@ class Api:
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     async def admin_unload(self, request: Request) -> Response:
+        """Unload every model, or the one named by an optional body {"model": id}."""
         config = self.switcher.config
-        before = [u for u in config.managed_units() if u in self.switcher.scheduler.running]
-        ticket = self.switcher.submit(None)
+        try:
+            raw = await read_body(request, config.limits.max_body_bytes)
+        except ClientLeft:
+            return Response(status_code=400)
+        body = parse_body(raw or b"{}") if not isinstance(raw, BadBody) else raw
+        if isinstance(body, BadBody):
+            return refuse(body)
+        name = body.get("model")
+        model_id = config.resolve(name) if isinstance(name, str) else None
+        if name is not None and model_id is None:
+            return JSONResponse(error_body(f"Unknown model `{name}`. Known models: {', '.join(config.models)}.",
+                                           "model_not_found", param="model"), status_code=404)
+        units = [config.unit_of(config.models[model_id])] if model_id is not None else config.managed_units()
+        before = [u for u in units if u in self.switcher.scheduler.running]
+        ticket = self.switcher.unload(model_id)
         try:
             update = await self.switcher.next_update(ticket)
             while isinstance(update, Status):

@@ -18,6 +18,11 @@ def switching_line(display: str) -> str:
     return f"🔄 Switching to {display}…"
 
 
+def waking_line(display: str, elapsed: float | None = None) -> str:
+    """`⏰ Waking M…`: a sleeping engine gets its GPU memory back (seconds, not a cold start)."""
+    return f"⏰ Waking {display}…" + (f" {int(elapsed)}s" if elapsed is not None else "")
+
+
 def loading_line(display: str, elapsed: float, timeout: float, expected: float | None = None) -> str:
     """`⏳ Loading M… 20s/180s`; with `expected` (the model's typical load time from history)
     `⏳ Loading M… 20s/~45s`, until the load takes longer than that: then the timeout again."""

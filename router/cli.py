@@ -176,13 +176,13 @@ class _DaemonError(Exception):
         self.code = code
 
 
-def _call(args: argparse.Namespace, method: str, path: str) -> Any:
+def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
     """One request to the daemon; its JSON body, or _DaemonError after saying what went wrong."""
     import httpx
 
     try:
         with _client(args, admin=path.startswith("/admin/")) as client:
-            r = client.request(method, path)
+            r = client.request(method, path, json=body)
     except httpx.HTTPError as e:
         raise _DaemonError(_unreachable(args, e)) from e
     if r.status_code != 200:
@@ -239,7 +239,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
-    print(f"active:  {status['active_model'] or '(none)'}")
+    models = status.get("models") or {}
+    by_state: dict[str, list[str]] = {}
+    for model_id, info in models.items():
+        by_state.setdefault(info.get("state", ""), []).append(model_id)
+    if models:
+        print(f"loaded:   {', '.join(by_state.get('loaded', [])) or '(none)'}")
+        if by_state.get("sleeping"):
+            print(f"sleeping: {', '.join(by_state['sleeping'])}")
+        if by_state.get("failed"):
+            print(f"failed:   {', '.join(by_state['failed'])}")
+    else:
+        print(f"active:  {status['active_model'] or '(none)'}")
     switch = status.get("switch")
     if switch:
         print(f"loading: {switch['target'] or '(unload)'} — {switch['phase']}, "
@@ -294,7 +305,8 @@ def cmd_switch(args: argparse.Namespace) -> int:
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
-    units = _call(args, "POST", "/admin/unload").get("unloaded", [])
+    body = {"model": args.model} if args.model else None
+    units = _call(args, "POST", "/admin/unload", body).get("unloaded", [])
     print("stopped " + ", ".join(units) if units else "nothing was loaded")
     return 0
 
@@ -333,8 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("switch", parents=[common, remote], help="load a model now, printing progress")
     sw.add_argument("model")
     sw.set_defaults(func=cmd_switch)
-    sub.add_parser("unload", parents=[common, remote], help="stop the loaded model").set_defaults(
-        func=cmd_unload)
+    un = sub.add_parser("unload", parents=[common, remote], help="stop one model, or every loaded model")
+    un.add_argument("model", nargs="?", help="the model to unload (default: all of them)")
+    un.set_defaults(func=cmd_unload)
     return p
 
 

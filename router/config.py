@@ -160,6 +160,7 @@ class Model:
     ram_gb: float | None = None  # host RAM it holds while asleep (None: its vram_gb)
     persistent: bool = False  # never evicted to make room: only unload or its ttl removes it
     ttl: float | None = None  # seconds idle before it leaves the GPU (None: residency.default_ttl)
+    no_ttl: bool = False  # `ttl: null`: never leaves for being idle, whatever residency.default_ttl says
     aliases: tuple[str, ...] = ()  # other names a request may use; listed under the id
     unlisted: bool = False  # loadable, but not in /v1/models
     max_concurrent: int | None = None  # responses at once; more wait in the queue
@@ -221,6 +222,12 @@ class Config:
             if name in model.aliases:
                 return model.id
         return None
+
+    def ttl_of(self, model: Model) -> float | None:
+        """Seconds idle before `model` leaves the GPU: its ttl, else residency.default_ttl (None: never)."""
+        if model.no_ttl:
+            return None
+        return model.ttl if model.ttl is not None else self.residency.default_ttl
 
     def load_timeout_of(self, model: Model) -> float:
         return model.load_timeout if model.load_timeout is not None else self.switch.load_timeout
@@ -343,8 +350,10 @@ def parse_config(
     settings = _parse_config_yml(cchk, croot, environ)
     mroot = mchk.compose(models_text)
     models: dict[str, Model] = {}
+    names = _ModelNames()
     if mroot is not _BROKEN:
-        models = _parse_models_yml(mchk, cast("Node | None", mroot), settings)
+        models = _parse_models_yml(mchk, cast("Node | None", mroot), settings, names)
+    preload = _check_preload(cchk, settings.preload, names)
 
     file_keys: list[str] = []
     kproblems: list[Problem] = []
@@ -366,7 +375,37 @@ def parse_config(
         limits=settings.limits,
         backends=settings.backends,
         models=models,
+        gpus=tuple(settings.gpus),
+        residency=settings.residency,
+        preload=preload,
     )
+
+
+def _check_preload(chk: _Checker, preload: list[tuple[str, Node]], names: _ModelNames) -> tuple[str, ...]:
+    """config.yml `preload:` against models.yml: known ids (or aliases, taken as their id), each once."""
+    ids: dict[str, int] = {}
+    for i, (name, node) in enumerate(preload):
+        mid = name if name in names.ids else names.aliases[name][0] if name in names.aliases else None
+        if mid is None:
+            if names.readable:
+                near = difflib.get_close_matches(name, [*names.ids, *names.aliases], n=1)
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                chk.problem(node, f"preload[{i}]: unknown model {name!r}; {hint}{_known_models(names)}")
+            continue
+        if mid in ids:
+            chk.problem(node, f"preload[{i}]: model {mid!r} is already preloaded at preload[{ids[mid]}]; "
+                              "list each model once")
+            continue
+        ids[mid] = i
+    return tuple(ids)
+
+
+def _known_models(names: _ModelNames, shown: int = 10) -> str:
+    if not names.ids:
+        return "models.yml defines no models"
+    listed = list(names.ids)
+    more = f" and {len(listed) - shown} more" if len(listed) > shown else ""
+    return "known models: " + ", ".join(listed[:shown]) + more
 
 
 def parse_keys_file(path: Path, text: str) -> tuple[list[str], list[Problem]]:
@@ -427,6 +466,24 @@ def _noncharacter(c: str) -> bool:
     return 0xFDD0 <= o <= 0xFDEF or (o & 0xFFFE) == 0xFFFE
 
 
+def _not_json(value: Any) -> str | None:
+    """What in `value` JSON cannot carry, or None when all of it can."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return None
+    if isinstance(value, float):
+        return None if value == value and value not in (float("inf"), float("-inf")) else f"{value!r}"
+    if isinstance(value, list):
+        return next((bad for v in value if (bad := _not_json(v)) is not None), None)
+    if isinstance(value, dict):
+        for key, v in value.items():
+            if not isinstance(key, str):
+                return f"the key {key!r} (not a string)"
+            if (bad := _not_json(v)) is not None:
+                return bad
+        return None
+    return f"a {type(value).__name__} value"
+
+
 def _control_free(text: str) -> bool:
     return not any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
 
@@ -475,6 +532,18 @@ class _Checker:
             reason = getattr(exc, "problem", None) or str(exc)
             self.problem(node, f"{path}: cannot read this value ({reason}); remove the YAML tag or fix it")
             return _BROKEN
+
+    def json_value(self, node: Node, path: str) -> Any:
+        """Any YAML value that JSON can carry (no dates, binary or sets), or _BROKEN (problem recorded)."""
+        value = self.value(cast("ScalarNode", node), path)
+        if value is _BROKEN:
+            return _BROKEN
+        bad = _not_json(value)
+        if bad is not None:
+            self.problem(node, f"{path}: {bad} cannot go into a JSON request; write it as a string, number, "
+                               "true/false, null, list or mapping")
+            return _BROKEN
+        return value
 
     # mappings
 
@@ -556,12 +625,13 @@ class _Checker:
         return self.value(node, path)
 
     def number(
-        self, item: _Item | None, path: str, default: float, *, minimum: float = 0.0, strict: bool = True
+        self, item: _Item | None, path: str, default: float, *, minimum: float = 0.0, strict: bool = True,
+        noun: str = "a number of seconds", null_hint: str = "",
     ) -> float:
         if item is None:
             return default
         op = ">" if strict else ">="
-        expected = f"a number of seconds {op} {minimum:g}"
+        expected = f"{noun} {op} {minimum:g}{null_hint}"
         value = self.scalar(item.node, path, expected)
         if value is _BROKEN:
             return default
@@ -572,7 +642,7 @@ class _Checker:
             self.problem(item.node, f"{path}: must be {op} {minimum:g}, got {value:g}")
             return default
         if value == float("inf"):
-            self.problem(item.node, f"{path}: must be a finite number of seconds")
+            self.problem(item.node, f"{path}: must be a finite {noun.removeprefix('a ')}")
             return default
         return float(value)
 
@@ -672,7 +742,7 @@ class _Checker:
             return default
         return value
 
-    def unit(self, item: _Item | None, path: str) -> str | None:
+    def unit(self, item: _Item | None, path: str, *, template_ok: bool = False) -> str | None:
         value = self.string(item, path, what="a systemd unit name like 'vllm.service'")
         if value is None or item is None:
             return None
@@ -681,10 +751,10 @@ class _Checker:
                                     f"like {value.rsplit('/', 1)[-1]!r}")
         elif not value.endswith(".service"):
             self.problem(item.node, f"{path}: {value!r} must be a service unit name ending in '.service'")
-        elif not SERVICE_UNIT_RE.match(value) or len(value) > 255:
+        elif not SERVICE_UNIT_RE.match(value) or len(value) > MAX_UNIT_NAME:
             self.problem(item.node, f"{path}: {value!r} is not a valid unit name: use letters, digits, "
                                     "':', '_', '.', '-', '\\' and at most one '@'")
-        elif value.endswith("@.service"):
+        elif value.endswith("@.service") and not template_ok:
             self.problem(item.node, f"{path}: {value!r} is a template; name an instance, "
                                     f"like {value[:-len('.service')]}NAME.service")
         else:
@@ -699,7 +769,7 @@ def _join(path: str, key: str) -> str:
 # --- config.yml -------------------------------------------------------------------------------------------
 
 _TOP_KEYS = ("listen", "systemd", "switch", "timeouts", "limits", "stats", "api_key", "api_keys", "admin_api_keys",
-             "backends")
+             "backends", "gpus", "residency", "preload")
 _LISTEN_KEYS = ("host", "port")
 _SYSTEMD_KEYS = ("bus", "dropin_dir")
 _SWITCH_KEYS = (
@@ -709,7 +779,13 @@ _SWITCH_KEYS = (
 _TIMEOUTS_KEYS = ("connect", "first_byte", "idle")
 _LIMITS_KEYS = ("max_body_bytes", "max_header_bytes", "idle_connection", "header_timeout", "max_connections")
 MIN_HEADER_BYTES = 1024  # below this no ordinary client gets a request through
-_BACKEND_KEYS = ("unit", "url", "health", "config_file", "warmup")
+_BACKEND_KEYS = ("unit", "url", "health", "config_file", "warmup", "sleep")
+_GPU_KEYS = ("index", "vram_gb")
+_RESIDENCY_KEYS = ("default_ttl", "sleep_ttl", "max_loaded", "host_ram_gb", "memory_free_timeout")
+_SLEEP_KEYS = ("enter", "leave", "check")
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+PORT_PLACEHOLDER = "{port}"
+MAX_UNIT_NAME = 255  # systemd's limit on a unit name (UNIT_NAME_MAX - 1)
 
 
 @dataclass
@@ -729,6 +805,11 @@ class _Settings:
     backend_names: list[str] = field(default_factory=list)  # every name written, valid or not
     backends_with_config_file: set[str] = field(default_factory=set)
     backends_readable: bool = True  # False when config.yml or its backends section could not be read
+    backend_units: dict[str, str] = field(default_factory=dict)  # every backend whose unit: is valid
+    gpus: list[Gpu] = field(default_factory=list)
+    gpus_readable: bool = True  # False when gpus: has a problem (then models' gpu/vram_gb are not checked)
+    residency: Residency = field(default_factory=Residency)
+    preload: list[tuple[str, Node]] = field(default_factory=list)  # each id as written, with its node
 
 
 def _parse_config_yml(chk: _Checker, root: Node | object | None, environ: Mapping[str, str]) -> _Settings:
@@ -806,7 +887,93 @@ def _parse_config_yml(chk: _Checker, root: Node | object | None, environ: Mappin
     out.admin_api_keys = chk.keys(top.get("admin_api_keys"), "admin_api_keys")
 
     _parse_backends(chk, top.get("backends"), out)
+    _parse_gpus(chk, top.get("gpus"), out)
+    out.residency = _parse_residency(chk, top.get("residency"))
+    out.preload = _parse_preload(chk, top.get("preload"))
     return out
+
+
+def _is_null(node: Node) -> bool:
+    return isinstance(node, ScalarNode) and node.tag == _NULL
+
+
+def _optional_number(chk: _Checker, item: _Item | None, path: str, *, noun: str = "a number of seconds",
+                     null_means: str = "never") -> float | None:
+    """A number > 0, or None when absent or null."""
+    if item is None or _is_null(item.node):
+        return None
+    before = len(chk.problems)
+    value = chk.number(item, path, 0.0, noun=noun, null_hint=f" (or null: {null_means})")
+    return value if len(chk.problems) == before else None
+
+
+def _parse_gpus(chk: _Checker, item: _Item | None, out: _Settings) -> None:
+    if item is None or _is_null(item.node):
+        return
+    before = len(chk.problems)
+    if not isinstance(item.node, SequenceNode):
+        chk.problem(item.node, "gpus: expected a list of GPUs like [{index: 0, vram_gb: 80}], "
+                               f"got {_describe(item.node)}")
+    else:
+        first: dict[int, Node] = {}
+        for i, node in enumerate(item.node.value):
+            path = f"gpus[{i}]"
+            fields = chk.section(node, path, _GPU_KEYS, null_ok=False)
+            if not isinstance(node, MappingNode):
+                continue
+            for required in _GPU_KEYS:
+                if required not in fields:
+                    chk.problem(node, f"{path}.{required}: missing; each GPU needs index and vram_gb "
+                                      "(like {index: 0, vram_gb: 80})")
+            at = len(chk.problems)
+            index = chk.integer(fields.get("index"), f"{path}.index", 0, minimum=0,
+                                what="the GPU's index (as nvidia-smi numbers it)")
+            vram = chk.number(fields.get("vram_gb"), f"{path}.vram_gb", 0.0, noun="a number of GB")
+            if len(chk.problems) != at or len(fields) != len(_GPU_KEYS):
+                continue
+            if index in first:
+                chk.problem(fields["index"].node, f"{path}.index: GPU {index} is listed twice (first on line "
+                                                  f"{_line(first[index])}); list each GPU once")
+                continue
+            first[index] = fields["index"].node
+            out.gpus.append(Gpu(index=index, vram_gb=vram))
+    out.gpus_readable = len(chk.problems) == before
+
+
+def _parse_residency(chk: _Checker, item: _Item | None) -> Residency:
+    res = chk.section(_node(item), "residency", _RESIDENCY_KEYS)
+    d = Residency()
+    max_loaded: int | None = None
+    if (ml := res.get("max_loaded")) is not None and not _is_null(ml.node):
+        before = len(chk.problems)
+        value = chk.integer(ml, "residency.max_loaded", 0, minimum=1,
+                            what="a number of models (or null: as many as fit)")
+        max_loaded = value if len(chk.problems) == before else None
+    return Residency(
+        default_ttl=_optional_number(chk, res.get("default_ttl"), "residency.default_ttl"),
+        sleep_ttl=_optional_number(chk, res.get("sleep_ttl"), "residency.sleep_ttl"),
+        max_loaded=max_loaded,
+        host_ram_gb=_optional_number(chk, res.get("host_ram_gb"), "residency.host_ram_gb",
+                                     noun="a number of GB", null_means="80 % of the host's RAM"),
+        memory_free_timeout=chk.number(res.get("memory_free_timeout"), "residency.memory_free_timeout",
+                                       d.memory_free_timeout, strict=False),
+    )
+
+
+def _parse_preload(chk: _Checker, item: _Item | None) -> list[tuple[str, Node]]:
+    """The model ids of `preload:` as written (checked against models.yml by parse_config)."""
+    if item is None or _is_null(item.node):
+        return []
+    if not isinstance(item.node, SequenceNode):
+        chk.problem(item.node, "preload: expected a list of model ids from models.yml, like [embed, qwen-7b], "
+                               f"got {_describe(item.node)}")
+        return []
+    ids: list[tuple[str, Node]] = []
+    for i, node in enumerate(item.node.value):
+        mid = chk.string(_Item(str(i), node, node), f"preload[{i}]", what="a model id from models.yml")
+        if mid is not None:
+            ids.append((mid, node))
+    return ids
 
 
 def _node(item: _Item | None) -> Node | None:
@@ -860,8 +1027,11 @@ def _parse_backends(chk: _Checker, item: _Item | None, out: _Settings) -> None:
                 example = "llamacpp.service" if required == "unit" else "http://127.0.0.1:8080"
                 chk.problem(entry.key_node, f"{path}.{required}: missing; every backend needs a {required} "
                                             f"(like {required}: {example})")
-        unit = chk.unit(fields.get("unit"), f"{path}.unit")
-        url = _url(chk, fields.get("url"), f"{path}.url")
+        unit = chk.unit(fields.get("unit"), f"{path}.unit", template_ok=True)
+        if unit is not None:
+            out.backend_units[name] = unit
+        template = unit.endswith("@.service") if unit is not None else None
+        url = _url(chk, fields.get("url"), f"{path}.url", template=template, unit=unit)
         health = "/health"
         h = chk.string(fields.get("health"), f"{path}.health", what="a URL path like /health")
         if h is not None:
@@ -878,18 +1048,100 @@ def _parse_backends(chk: _Checker, item: _Item | None, out: _Settings) -> None:
             else:
                 chk.problem(fields["config_file"].node,
                             f"{path}.config_file: {cf!r} must be an absolute path")
+        if template and "config_file" in fields:
+            chk.problem(fields["config_file"].key_node,
+                        f"{path}.config_file: a template backend ({unit}) runs several models at once, which "
+                        "cannot share one config file; give each model a `command` (with its model and port) "
+                        "and remove config_file, or use a plain unit")
         warmup = chk.number(fields.get("warmup"), f"{path}.warmup", 0.0, strict=False)
+        sleep = _sleep(chk, fields.get("sleep"), f"{path}.sleep")
         if len(chk.problems) == before and unit is not None and url is not None:
             out.backends[name] = Backend(name=name, unit=unit, url=url, health=health,
-                                         config_file=config_file, warmup=warmup)
+                                         config_file=config_file, warmup=warmup, sleep=sleep)
 
 
-def _url(chk: _Checker, item: _Item | None, path: str) -> str | None:
+def _sleep(chk: _Checker, item: _Item | None, path: str) -> SleepSpec | None:
+    """`sleep:` of a backend: vllm, sglang, or {enter: "POST /path", leave: "POST /path", check: "GET /path"}."""
+    if item is None or _is_null(item.node):
+        return None
+    expected = ('vllm, sglang, or a mapping like {enter: "POST /sleep", leave: "POST /wake", '
+                'check: "GET /is_sleeping"} (check optional)')
+    node = item.node
+    if isinstance(node, ScalarNode):
+        value = chk.scalar(node, path, expected)
+        if value is _BROKEN:
+            return None
+        if isinstance(value, str) and value in SLEEP_KINDS:
+            return SLEEP_KINDS[value]
+        if not isinstance(value, str):
+            chk.problem(node, f"{path}: expected {expected}, got {_describe(node)}")
+            return None
+        near = difflib.get_close_matches(str(value), list(SLEEP_KINDS), n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        chk.problem(node, f"{path}: unknown sleep kind {_describe(node)}; {hint}expected {expected}")
+        return None
+    if not isinstance(node, MappingNode):
+        chk.problem(node, f"{path}: expected {expected}, got {_describe(node)}")
+        return None
+    before = len(chk.problems)
+    fields = chk.section(node, path, _SLEEP_KEYS, null_ok=False)
+    for required in ("enter", "leave"):
+        if required not in fields:
+            chk.problem(item.key_node, f"{path}.{required}: missing; a custom sleep needs enter and leave "
+                                       f"(like {required}: \"POST /{'sleep' if required == 'enter' else 'wake'}\")")
+    enter = _endpoint(chk, fields.get("enter"), f"{path}.enter")
+    leave = _endpoint(chk, fields.get("leave"), f"{path}.leave")
+    check = _endpoint(chk, fields.get("check"), f"{path}.check")
+    if len(chk.problems) != before or enter is None or leave is None:
+        return None
+    return SleepSpec("custom", enter, leave, check)
+
+
+def _endpoint(chk: _Checker, item: _Item | None, path: str) -> Endpoint | None:
+    """ "POST /path?query": an HTTP method and a path on the backend's url."""
+    what = 'an HTTP method and a path, like "POST /sleep"'
+    value = chk.string(item, path, what=what)
+    if value is None or item is None:
+        return None
+    parts = value.split()
+    if len(parts) != 2:
+        chk.problem(item.node, f"{path}: expected {what}, got {value!r}")
+        return None
+    method, target = parts[0].upper(), parts[1]
+    if method not in HTTP_METHODS:
+        chk.problem(item.node, f"{path}: {parts[0]!r} is not an HTTP method; use one of {', '.join(HTTP_METHODS)}")
+        return None
+    if not target.startswith("/") or "#" in target or not _control_free(target):
+        chk.problem(item.node, f"{path}: the path must start with '/' (and have no '#'), like \"{method} /sleep\", "
+                               f"got {target!r}")
+        return None
+    return Endpoint(method, target)
+
+
+def _url(chk: _Checker, item: _Item | None, path: str, *, template: bool | None = False,
+         unit: str | None = None) -> str | None:
+    """A backend's base URL; a template backend's has {port} where the port goes (template None: unknown,
+    the unit itself is wrong: {port} is accepted, not required)."""
     value = chk.string(item, path, what="a URL like http://127.0.0.1:8000")
     if value is None or item is None:
         return None
+    if PORT_PLACEHOLDER in value:
+        if template is False:
+            chk.problem(item.node, f"{path}: {value!r} has {PORT_PLACEHOLDER}, which only a template backend fills "
+                                   f"(unit: NAME@.service, each model on its own port:); write the port, or make "
+                                   f"the unit a template like {(unit or 'x.service')[:-len('.service')]}@.service")
+            return None
+        if value.count(PORT_PLACEHOLDER) != 1 or not urlsplit(value).netloc.endswith(":" + PORT_PLACEHOLDER):
+            chk.problem(item.node, f"{path}: {PORT_PLACEHOLDER} must stand once for the URL's port, like "
+                                   f"http://127.0.0.1:{PORT_PLACEHOLDER}, got {value!r}")
+            return None
+    elif template:
+        chk.problem(item.node, f"{path}: backend unit {unit} is a template: each of its models runs as its own "
+                               f"instance on its own port, so the url needs {PORT_PLACEHOLDER} where the port "
+                               f"goes, like http://127.0.0.1:{PORT_PLACEHOLDER}; got {value!r}")
+        return None
     try:
-        parts = urlsplit(value)
+        parts = urlsplit(value.replace(PORT_PLACEHOLDER, "1"))
         parts.port  # noqa: B018 -- raises ValueError on a bad port
     except ValueError as exc:
         chk.problem(item.node, f"{path}: {value!r} is not a valid URL ({exc})")
@@ -907,10 +1159,25 @@ def _url(chk: _Checker, item: _Item | None, path: str) -> str | None:
 # --- models.yml -------------------------------------------------------------------------------------------
 
 _MODEL_KEYS = ("backend", "name", "command", "env", "model_name", "upstream_model", "load_timeout", "warmup",
-               "unit")
+               "unit", "port", "vram_gb", "gpu", "ram_gb", "persistent", "ttl", "aliases", "unlisted",
+               "max_concurrent", "params")
+_PARAMS_KEYS = ("set", "strip")
+# Request fields the router itself reads or rewrites: `params` may neither force nor strip them.
+ROUTER_FIELDS = ("model", "stream")
 
 
-def _parse_models_yml(chk: _Checker, root: Node | None, settings: _Settings) -> dict[str, Model]:
+@dataclass
+class _ModelNames:
+    """What models.yml names, valid or not: for the checks across models and across the two files."""
+
+    readable: bool = False  # the models: mapping could be read (else nothing is checked against it)
+    ids: dict[str, Node] = field(default_factory=dict)  # every model id written -> its key node
+    aliases: dict[str, tuple[str, Node]] = field(default_factory=dict)  # alias -> (model id, node)
+    ports: dict[int, tuple[str, Node]] = field(default_factory=dict)  # template instance port -> (model id, node)
+
+
+def _parse_models_yml(chk: _Checker, root: Node | None, settings: _Settings,
+                      names: _ModelNames) -> dict[str, Model]:
     top = chk.section(root, "", ("models",))
     item = top.get("models")
     if item is None or (isinstance(item.node, ScalarNode) and item.node.tag == _NULL):
@@ -923,15 +1190,19 @@ def _parse_models_yml(chk: _Checker, root: Node | None, settings: _Settings) -> 
     if not entries:
         chk.problem(item.node, "no models defined in models.yml: add at least one under `models:`")
         return {}
+    names.readable = True
+    for entry in entries:
+        names.ids.setdefault(entry.key, entry.key_node)
 
     models: dict[str, Model] = {}
     on_backend_unit: dict[str, list[tuple[_Item, Model]]] = {}
     for entry in entries:
-        model = _parse_model(chk, entry, settings)
+        model = _parse_model(chk, entry, settings, names)
         if model is None:
             continue
         models[model.id] = model
-        if model.unit is None:
+        spec = settings.backends.get(model.backend)
+        if model.unit is None and not (spec is not None and spec.template):
             on_backend_unit.setdefault(model.backend, []).append((entry, model))
 
     # Several models started through one backend unit must differ in what the router writes.
@@ -948,7 +1219,7 @@ def _parse_models_yml(chk: _Checker, root: Node | None, settings: _Settings) -> 
     return models
 
 
-def _parse_model(chk: _Checker, entry: _Item, settings: _Settings) -> Model | None:
+def _parse_model(chk: _Checker, entry: _Item, settings: _Settings, names: _ModelNames) -> Model | None:
     mid = entry.key
     path = f"models.{mid}"
     before = len(chk.problems)
@@ -987,16 +1258,205 @@ def _parse_model(chk: _Checker, entry: _Item, settings: _Settings) -> Model | No
     command = _command(chk, fields.get("command"), f"{path}.command")
     env = _env(chk, fields.get("env"), f"{path}.env")
 
+    backend_unit = settings.backend_units.get(backend) if backend is not None else None
+    template = backend_unit.endswith("@.service") if backend_unit is not None else None
     if "unit" in fields:
         clash = [k for k in ("command", "env", "model_name") if k in fields]
-        if clash:
+        if template and backend_unit is not None:
+            chk.problem(fields["unit"].key_node, f"{path}.unit: backend {backend!r} is a template "
+                        f"({backend_unit}): each of its models already runs as its own instance "
+                        f"({backend_unit[:-len('@.service')]}@{instance_name(mid)}.service); remove unit, "
+                        "or put the model on a backend with a plain unit")
+        elif clash:
             chk.problem(fields["unit"].key_node, f"{path}.unit: a model with its own unit is only started "
                         f"and stopped, nothing is rewritten; remove {', '.join(clash)} or remove unit")
+
+    if template and backend_unit is not None:
+        instance = f"{backend_unit[:-len('@.service')]}@{instance_name(mid)}.service"
+        if len(instance) > MAX_UNIT_NAME:
+            chk.problem(entry.key_node, f"{path}: its instance unit {instance[:40]}... would be {len(instance)} "
+                        f"characters long (the id escaped for systemd), more than systemd's {MAX_UNIT_NAME}; use a "
+                        "shorter model id (an alias can keep the long name)")
+    port = _model_port(chk, entry, fields, path, backend, backend_unit, settings, names)
+    resources = _resources(chk, fields, path, settings)
+    ttl_item = fields.get("ttl")
+    ttl = _optional_number(chk, ttl_item, f"{path}.ttl", null_means="never, whatever residency.default_ttl says")
+    aliases = _aliases(chk, fields.get("aliases"), path, mid, names)
+    max_concurrent: int | None = None
+    if (mc := fields.get("max_concurrent")) is not None and not _is_null(mc.node):
+        at = len(chk.problems)
+        value = chk.integer(mc, f"{path}.max_concurrent", 0, minimum=1,
+                            what="a number of responses at once (or null: no limit)")
+        max_concurrent = value if len(chk.problems) == at else None
+    params_set, params_strip = _params(chk, fields.get("params"), f"{path}.params")
+    no_ttl = ttl_item is not None and _is_null(ttl_item.node)
+    persistent = chk.boolean(fields.get("persistent"), f"{path}.persistent", False)
+    unlisted = chk.boolean(fields.get("unlisted"), f"{path}.unlisted", False)
 
     if len(chk.problems) != before or backend is None:
         return None
     return Model(id=mid, backend=backend, name=name, command=command, env=env, model_name=model_name,
-                 upstream_model=upstream, load_timeout=load_timeout, warmup=warmup, unit=unit)
+                 upstream_model=upstream, load_timeout=load_timeout, warmup=warmup, unit=unit, port=port,
+                 vram_gb=resources.vram_gb, gpu=resources.gpu, ram_gb=resources.ram_gb,
+                 persistent=persistent, ttl=ttl, no_ttl=no_ttl, aliases=aliases,
+                 unlisted=unlisted, max_concurrent=max_concurrent, params_set=params_set, params_strip=params_strip)
+
+
+def _model_port(chk: _Checker, entry: _Item, fields: dict[str, _Item], path: str, backend: str | None,
+                backend_unit: str | None, settings: _Settings, names: _ModelNames) -> int | None:
+    """A model's `port:`: required on a template backend (unique, not the router's), refused elsewhere."""
+    item = fields.get("port")
+    port: int | None = None
+    if item is not None:
+        value = chk.scalar(item.node, f"{path}.port", "a port number 1..65535")
+        if value is not _BROKEN:
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+                chk.problem(item.node, f"{path}.port: expected a port number 1..65535, got {_describe(item.node)}")
+            else:
+                port = value
+    if backend_unit is None:  # no backend, or its unit is wrong: that problem is reported already
+        return port
+    if not backend_unit.endswith("@.service"):
+        if item is not None:
+            chk.problem(item.key_node, f"{path}.port: backend {backend!r} has the plain unit {backend_unit}, whose "
+                        f"url fixes the port; remove port, or make the backend a template (unit: "
+                        f"{backend_unit[:-len('.service')]}@.service, url: \"http://127.0.0.1:{{port}}\")")
+        return None
+    if item is None:
+        chk.problem(entry.key_node, f"{path}.port: missing; backend {backend!r} is a template ({backend_unit}): "
+                    "each of its models runs as its own instance on its own port; add port: (like port: 8101) "
+                    "and make the model's command listen on it")
+        return None
+    if port is None:
+        return None
+    if port == settings.listen.port:
+        chk.problem(item.node, f"{path}.port: {port} is the router's own port (listen.port in config.yml); "
+                               "pick another")
+        return None
+    if port in names.ports:
+        other, node = names.ports[port]
+        chk.problem(item.node, f"{path}.port: {port} is already the port of model {other!r} (line {_line(node)}); "
+                               "each model on a template backend needs a port of its own")
+        return None
+    names.ports[port] = (entry.key, item.node)
+    mine = settings.backends.get(backend) if backend is not None else None
+    host = urlsplit(mine.url).hostname if mine is not None else None
+    for plain in settings.backends.values():
+        if plain.template:
+            continue
+        parts = urlsplit(plain.url)
+        if parts.hostname == host and (parts.port or (443 if parts.scheme == "https" else 80)) == port:
+            chk.problem(item.node, f"{path}.port: {port} is where backend {plain.name!r} ({plain.unit}) listens "
+                                   f"({plain.url}); pick another port")
+            return None
+    return port
+
+
+@dataclass(frozen=True)
+class _Resources:
+    vram_gb: float | None
+    gpu: int
+    ram_gb: float | None
+
+
+def _resources(chk: _Checker, fields: dict[str, _Item], path: str, settings: _Settings) -> _Resources:
+    """vram_gb, gpu and ram_gb of a model, checked against config.yml's `gpus:` when it lists them."""
+    vram_gb = None
+    if (item := fields.get("vram_gb")) is not None and not _is_null(item.node):
+        at = len(chk.problems)
+        value = chk.number(item, f"{path}.vram_gb", 0.0, noun="a number of GB")
+        vram_gb = value if len(chk.problems) == at else None
+    gpu = chk.integer(fields.get("gpu"), f"{path}.gpu", 0, minimum=0, what="a GPU index")
+    ram_gb = None
+    if (item := fields.get("ram_gb")) is not None and not _is_null(item.node):
+        at = len(chk.problems)
+        value = chk.number(item, f"{path}.ram_gb", 0.0, strict=False, noun="a number of GB")
+        ram_gb = value if len(chk.problems) == at else None
+    budgets = {g.index: g.vram_gb for g in settings.gpus}
+    if budgets and settings.gpus_readable:
+        listed = ", ".join(str(i) for i in budgets)
+        if gpu not in budgets:
+            if "gpu" in fields:
+                chk.problem(fields["gpu"].node, f"{path}.gpu: GPU {gpu} is not in config.yml `gpus:` (listed: "
+                                                f"{listed}); use one of them, or add it there")
+            elif vram_gb is not None:
+                chk.problem(fields["vram_gb"].key_node, f"{path}.vram_gb: the model loads on GPU 0 (the default; "
+                            f"set gpu:), which is not in config.yml `gpus:` (listed: {listed})")
+        elif vram_gb is not None and vram_gb > budgets[gpu]:
+            chk.problem(fields["vram_gb"].node, f"{path}.vram_gb: {vram_gb:g} GB is more than GPU {gpu}'s budget of "
+                        f"{budgets[gpu]:g} GB (gpus in config.yml), so the model could never load; lower vram_gb, "
+                        "raise the GPU's vram_gb, or set gpu: to a larger one")
+    return _Resources(vram_gb=vram_gb, gpu=gpu, ram_gb=ram_gb)
+
+
+def _aliases(chk: _Checker, item: _Item | None, path: str, mid: str, names: _ModelNames) -> tuple[str, ...]:
+    """Other names of a model: unique across every model id and alias."""
+    if item is None or _is_null(item.node):
+        return ()
+    if not isinstance(item.node, SequenceNode):
+        chk.problem(item.node, f"{path}.aliases: expected a list of names like [gpt-4o, chat], "
+                               f"got {_describe(item.node)}")
+        return ()
+    aliases: list[str] = []
+    for i, node in enumerate(item.node.value):
+        where = f"{path}.aliases[{i}]"
+        alias = chk.string(_Item(str(i), node, node), where, what="a name clients may send as \"model\"")
+        if alias is None:
+            continue
+        if not _control_free(alias) or any(c.isspace() for c in alias):
+            chk.problem(node, f"{where}: an alias must not contain spaces or control characters")
+        elif alias == mid:
+            chk.problem(node, f"{where}: {alias!r} is this model's own id; remove it")
+        elif alias in names.ids:
+            chk.problem(node, f"{where}: {alias!r} is the id of another model (line {_line(names.ids[alias])}); "
+                              "an alias must not be a model id: rename one of them")
+        elif alias in names.aliases:
+            owner, first = names.aliases[alias]
+            whose = "this model" if owner == mid else f"model {owner!r}"
+            chk.problem(node, f"{where}: {alias!r} is already an alias of {whose} (line {_line(first)}); "
+                              "an alias names one model, once")
+        else:
+            names.aliases[alias] = (mid, node)
+            aliases.append(alias)
+    return tuple(aliases)
+
+
+def _params(chk: _Checker, item: _Item | None, path: str) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """`params: {set: {field: value}, strip: [field]}`: request fields forced or removed."""
+    fields = chk.section(_node(item), path, _PARAMS_KEYS)
+    forced: dict[str, Any] = {}
+    set_item = fields.get("set")
+    if set_item is not None and not _is_null(set_item.node):
+        for entry in chk.items(set_item.node, f"{path}.set",
+                               what="a mapping of request field -> value, like {temperature: 0.6}") or []:
+            where = f"{path}.set.{entry.key}"
+            if entry.key in ROUTER_FIELDS:
+                chk.problem(entry.key_node, f"{where}: the router sets {entry.key!r} itself"
+                            + (" (use upstream_model to rename the model)" if entry.key == "model" else "")
+                            + "; remove it")
+                continue
+            value = chk.json_value(entry.node, where)
+            if value is not _BROKEN:
+                forced[entry.key] = value
+    stripped: list[str] = []
+    strip_item = fields.get("strip")
+    if strip_item is not None and not _is_null(strip_item.node):
+        if not isinstance(strip_item.node, SequenceNode):
+            chk.problem(strip_item.node, f"{path}.strip: expected a list of request field names like "
+                                         f"[logit_bias, seed], got {_describe(strip_item.node)}")
+        else:
+            for i, node in enumerate(strip_item.node.value):
+                where = f"{path}.strip[{i}]"
+                name = chk.string(_Item(str(i), node, node), where, what="a request field name")
+                if name is None:
+                    continue
+                if name in ROUTER_FIELDS:
+                    chk.problem(node, f"{where}: the router needs {name!r}; it cannot be stripped")
+                elif name in forced:
+                    chk.problem(node, f"{where}: {name!r} is also under params.set; keep it in one of them")
+                elif name not in stripped:
+                    stripped.append(name)
+    return forced, tuple(stripped)
 
 
 def _known(settings: _Settings) -> str:

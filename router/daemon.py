@@ -14,9 +14,11 @@ import structlog
 import uvicorn
 
 from router import httpserver, notify, ports
+from router import sleep as engine_sleep
 from router.app import create_app
 from router.config import Config, ConfigError, load_config
 from router.control import ControlServer
+from router.gpumemory import NvmlMemory
 from router.observability import Observability
 from router.switcher import Switcher
 from router.systemd import Systemd, SystemdError, bus_address
@@ -57,8 +59,9 @@ async def serve(config_dir: Path) -> int:
         print(f"llm-router: the configuration in {config_dir} is not valid:\n{e}", flush=True)
         return 2
     http = make_http()
-    switcher = Switcher(config, Systemd(bus_address(config.systemd.bus), lambda: set(
-        switcher.config.managed_units())), http.probe, port_check=ports.url_in_use)
+    systemd = Systemd(bus_address(config.systemd.bus), lambda: set(switcher.config.managed_units()))
+    switcher = Switcher(config, systemd, http.probe, port_check=ports.url_in_use, memory=NvmlMemory(systemd),
+                        sleeper=engine_sleep)
     observability = await Observability.start(switcher)  # before the switcher starts: it sees the adoption
     switcher.expected_load = observability.expected_load_seconds
     try:

@@ -19,8 +19,8 @@ import structlog
 from router import journal
 from router.atomicfile import read_text, remove_file, write_atomic
 from router.backendconf import set_model_name
-from router.chunks import loading_line
-from router.config import Backend, Config, Model
+from router.chunks import loading_line, waking_line
+from router.config import Backend, Config, Model, SleepSpec
 from router.execstart import DROPIN_NAME, needs_dropin, render_dropin
 from router.plan import Plan
 from router.scheduler import LoadFailure
@@ -48,6 +48,11 @@ class SwitchRun:
     aborted: bool = False  # cut short by the scheduler (abort_switch), not by a shutdown
     expected: float | None = None  # typical load time from history, for "20s/~45s"
     extra: dict[str, Any] = field(default_factory=dict)
+    slept: set[str] = field(default_factory=set)  # models put to sleep by this switch
+    measured_gb: float | None = None  # GPU memory the target's processes use once loaded (NVML)
+    asleep: bool = False  # an adopted engine was found asleep
+    woke: bool = False  # the target was woken, not started
+    wake_seconds: float | None = None  # the wake call's own time
 
     def __post_init__(self) -> None:
         if not self.started:
@@ -57,6 +62,8 @@ class SwitchRun:
         return self.clock() - self.started
 
     def loading_text(self) -> str:
+        if self.phase == "waking":
+            return waking_line(self.display, self.clock() - (self.load_started or self.started))
         return loading_line(self.display, self.clock() - (self.load_started or self.started), self.timeout,
                             self.expected)
 
@@ -66,6 +73,26 @@ class Progress(Protocol):
     def loading(self, run: SwitchRun) -> None:
         """Say the current "Loading…" line to every request waiting for this switch."""
         ...
+
+
+class MemoryProbe(Protocol):
+    """GPU memory, by NVML (router/gpumemory.py); absent without a GPU."""
+
+    async def wait_free(self, gpu: int, need_gb: float, timeout: float) -> bool:
+        """Wait until `need_gb` are free on the GPU (True), or `timeout` passed (False)."""
+        ...
+
+    async def measure(self, unit: str) -> float | None:
+        """GB the unit's processes use on the GPUs now (None: unknown)."""
+        ...
+
+
+class SleepDriver(Protocol):
+    """An engine's sleep protocol over HTTP (router/sleep.py)."""
+
+    async def enter(self, url: str, spec: SleepSpec, timeout: float) -> None: ...
+    async def leave(self, url: str, spec: SleepSpec, timeout: float) -> None: ...
+    async def is_sleeping(self, url: str, spec: SleepSpec, timeout: float) -> bool | None: ...
 
 
 class Systemdish(Protocol):
@@ -90,12 +117,15 @@ class PlanExecutor:
 
     def __init__(self, systemd: Systemdish, probe: HealthProbe, progress: Progress,
                  clock: Callable[[], float] = time.monotonic,
-                 port_check: Callable[[str], str | None] | None = None) -> None:
+                 port_check: Callable[[str], str | None] | None = None,
+                 memory: MemoryProbe | None = None, sleeper: SleepDriver | None = None) -> None:
         self.systemd = systemd
         self.probe = probe
         self.progress = progress
         self.clock = clock
         self.port_check = port_check  # url -> "127.0.0.1:8085 is already in use by pid 12 (cmd)", or None
+        self.memory = memory  # None: no GPU to watch
+        self.sleeper = sleeper
         self.unit_changed = asyncio.Event()  # set by the switcher on every PropertiesChanged
 
     async def carry_out(self, plan: Plan, config: Config, run: SwitchRun) -> LoadFailure | None:
@@ -118,7 +148,11 @@ class PlanExecutor:
 
     async def _steps(self, plan: Plan, config: Config, run: SwitchRun) -> LoadFailure | None:
         target = plan.target or ""
-        for unit in plan.stop:
+        stop = list(plan.stop)
+        for model_id in plan.sleep:
+            if not await self._sleep(config, model_id, run):
+                stop.append(config.unit_of(config.models[model_id]))  # it would not sleep: stop it
+        for unit in stop:
             self.progress.phase(run, "stopping", unit=unit)
             result = await self.systemd.stop(unit, config.switch.stop_timeout + 5)
             state = await self.systemd.state(unit)
@@ -131,6 +165,15 @@ class PlanExecutor:
         model = config.models[plan.target]
         backend = config.backend_of(model)
         unit = config.unit_of(model)
+        if (stop or run.slept) and plan.need_gb is not None and self.memory is not None:
+            await self._memory_free(plan, config, run)
+        if plan.wake and await self._wake(config, model, backend, unit, run):
+            return None
+        if plan.adopt and backend.sleep is not None and self.sleeper is not None:
+            with contextlib.suppress(Exception):  # unknown: treated as awake, as before
+                run.asleep = bool(await self.sleeper.is_sleeping(config.url_of(model), backend.sleep, 5.0))
+            if run.asleep:
+                return None
         if not plan.adopt:
             error = await self._rewrite(plan, config, model, run)
             if error is not None:
@@ -167,7 +210,70 @@ class PlanExecutor:
         if warmup > 0:
             self.progress.phase(run, "warmup", seconds=warmup)
             await asyncio.sleep(warmup)
+        await self._measure(run, unit)
         return None
+
+    async def _sleep(self, config: Config, model_id: str, run: SwitchRun) -> bool:
+        """Put an evicted model to sleep; False when it would not (it is stopped instead)."""
+        model = config.models[model_id]
+        spec = config.backend_of(model).sleep
+        if spec is None or self.sleeper is None:
+            return False
+        self.progress.phase(run, "sleeping", model=model_id, unit=config.unit_of(model))
+        try:
+            await self.sleeper.enter(config.url_of(model), spec, config.switch.stop_timeout)
+        except Exception as e:  # the engine's own error, logged; stopping frees the memory all the same
+            log.error("sleep_failed", model=model_id, unit=config.unit_of(model), error=str(e),
+                      action="stopping the unit instead")
+            return False
+        run.slept.add(model_id)
+        return True
+
+    async def _wake(self, config: Config, model: Model, backend: Backend, unit: str, run: SwitchRun) -> bool:
+        """Wake a sleeping target; False when the wake failed (the caller restarts it, cold)."""
+        if backend.sleep is None or self.sleeper is None:
+            return False
+        self.progress.phase(run, "waking", unit=unit)
+        run.load_started = self.clock()
+        self.progress.loading(run)
+        started = self.clock()
+        try:
+            await self.sleeper.leave(config.url_of(model), backend.sleep, config.load_timeout_of(model))
+            healthy = await self.probe(config.url_of(model) + backend.health, 5.0)
+            if not healthy:
+                raise RuntimeError(f"{config.url_of(model) + backend.health} did not answer 200 after the wake")
+        except Exception as e:
+            log.error("wake_failed", model=model.id, unit=unit, error=str(e), action="restarting the unit")
+            self.progress.phase(run, "stopping", unit=unit, reason="wake_failed")
+            await self.systemd.stop(unit, config.switch.stop_timeout + 5)
+            run.load_started = None
+            return False
+        run.woke = True
+        run.wake_seconds = run.load_seconds = self.clock() - started
+        await self._measure(run, unit)
+        return True
+
+    async def _memory_free(self, plan: Plan, config: Config, run: SwitchRun) -> None:
+        """After stops and sleeps, wait (bounded) until the GPU shows the room the target needs."""
+        assert self.memory is not None and plan.need_gb is not None
+        self.progress.phase(run, "freeing", gpu=plan.gpu, need_gb=plan.need_gb)
+        timeout = config.residency.memory_free_timeout
+        try:
+            free = await self.memory.wait_free(plan.gpu, plan.need_gb, timeout)
+        except Exception as e:
+            log.warning("gpu_memory_unknown", gpu=plan.gpu, error=repr(e))
+            return
+        if not free:
+            log.warning("gpu_memory_not_free", gpu=plan.gpu, need_gb=plan.need_gb, waited=timeout,
+                        action="starting anyway")
+
+    async def _measure(self, run: SwitchRun, unit: str) -> None:
+        if self.memory is None:
+            return
+        try:
+            run.measured_gb = await self.memory.measure(unit)
+        except Exception as e:  # a nicety: never fail a load over it
+            log.warning("gpu_measure_failed", unit=unit, error=repr(e))
 
     async def _tick(self, run: SwitchRun, every: float) -> None:
         while True:

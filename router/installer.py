@@ -11,6 +11,7 @@ here so that it can be tested and does not depend on sed quoting. Subcommands (a
                     [--unit-name N] [--description D] [--env K=V]... [--exec-start CMD]
     listen          --config-dir DIR                    "HOST PORT API_KEY" of the config (or defaults)
     config-file-dirs --config-dir DIR                   directories of the backends' config_file, one a line
+    backend-units   --config-dir DIR --units-dir U      the shipped unit files the backends need, one a line
     wait-health     --url URL [--timeout S]             exit 0 once GET URL/health answers 200
     client-url      --host H --port P                   the URL an OpenAI client (Open WebUI) should use
 
@@ -385,6 +386,20 @@ def render_backend_unit(template: str, *, description: str | None = None, unit_n
     return "\n".join(out) + "\n"
 
 
+def backend_unit_files(units: list[str], shipped: set[str]) -> list[str]:
+    """The files of units/ (names in `shipped`) that install.sh installs for backends running `units`:
+    each backend's own unit, and beside a plain unit the template of the same engine (llamacpp.service ->
+    llamacpp@.service too), so that a backend can become a template later without a re-install. Template
+    files are only installed, never started (their instances are the router's)."""
+    out: list[str] = []
+    for unit in units:
+        candidates = [unit]
+        if unit.endswith(".service") and "@" not in unit:
+            candidates.append(unit[: -len(".service")] + "@.service")
+        out += [c for c in candidates if c in shipped and c not in out]
+    return out
+
+
 # --- the running router ---------------------------------------------------------------------------------
 
 
@@ -468,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config-dir", type=Path, required=True)
     p = sub.add_parser("config-file-dirs")
     p.add_argument("--config-dir", type=Path, required=True)
+    p = sub.add_parser("backend-units")
+    p.add_argument("--config-dir", type=Path, required=True)
+    p.add_argument("--units-dir", type=Path, required=True)
     p = sub.add_parser("wait-health")
     p.add_argument("--url", required=True)
     p.add_argument("--timeout", type=float, default=60.0)
@@ -521,6 +539,13 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             for d in dict.fromkeys(str(b.config_file.parent) for b in config.backends.values() if b.config_file):
                 print(d)
+        elif a.cmd == "backend-units":
+            from router.config import load_config
+
+            config = load_config(a.config_dir)
+            shipped = {f.name for f in a.units_dir.glob("*.service")}
+            for name in backend_unit_files([b.unit for b in config.backends.values()], shipped):
+                print(name)
         elif a.cmd == "wait-health":
             ok, detail = wait_health(a.url, a.timeout)
             print(detail)

@@ -4,15 +4,22 @@ The scheduler is driven by one owner (the switcher's run loop) through `on_*` me
 through an `Effects` object. It never awaits, never touches D-Bus or HTTP, and so needs no lock:
 every state change happens in one task, between awaits. Time comes from an injected clock.
 
+It owns the resident set (models loaded or asleep); which of them leave to make room for another is
+the residency policy's (router/residency.py). One switch runs at a time; requests for resident
+models the switch keeps are served while it runs.
+
 The policy (README, "Scheduling"):
-- Requests for the loaded model are served at once, many at a time; a request for another model
-  queues, and the switch starts once the responses already streaming have ended.
+- Requests for a loaded model are served at once, many at a time (up to its `max_concurrent`); a
+  request for another model queues, and the switch starts once the responses streaming from the
+  models it evicts have ended.
 - Batching: queued requests are grouped by model, so A B A B becomes A A B B.
 - `max_wait`: once a queued request has waited that long, new requests for the loaded model queue
   behind it instead of being served, so nothing starves.
-- `linger`: after the loaded model's last response ends, it stays for this long for more requests
-  for it (Open WebUI's title, follow-up and tags requests) before a waiting model is loaded; never
-  past a waiting request's `max_wait`.
+- `linger`: after a loaded model's last response ends, it stays for this long for more requests
+  for it (Open WebUI's title, follow-up and tags requests) before a switch evicts it; never past a
+  waiting request's `max_wait`.
+- `ttl`: a model idle that long leaves the GPU (a sleeper is stopped after `residency.sleep_ttl`);
+  `preload` models load at start, after the requests waiting then.
 - `failure_cooldown`: a model whose load failed fails at once, with the same error, until the
   cooldown passes or a reload changes its definition. A load that failed transiently (the unit
   exited or its start job failed) is tried once more for the requests batched on it.
@@ -30,7 +37,8 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from router.config import Config, Model
-from router.plan import Plan, make_plan
+from router.plan import Plan, make_plan, plan_evict, plan_room
+from router.residency import NoRoom, Resident, Room, View, expired, make_room, sleep_or_stop
 
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 
@@ -39,8 +47,9 @@ PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 class Ticket:
     """One request (or admin action) waiting for, or holding, a model."""
 
-    model: str | None  # None: an unload request
+    model: str | None  # None: an unload request (of every model)
     priority: int = PRIORITIES["normal"]  # 0 high, 1 normal, 2 low
+    unload: bool = False  # unload `model` (with model None: every model)
     id: int = field(default_factory=itertools.count(1).__next__)
     arrived: float = 0.0  # set by the scheduler's clock when it first sees the ticket
     told_switching: bool = False  # the "Switching to …" line was already sent to it
@@ -114,72 +123,147 @@ def unreachable_error(model: str, why: str) -> LoadFailure:
                        "a moment.", code="systemd_unreachable", cooldown=False)
 
 
+@dataclass(frozen=True)
+class SwitchOutcome:
+    """What a switch did besides loading its target, as the executor saw it."""
+
+    slept: frozenset[str] = frozenset()  # models put to sleep (their units still run)
+    measured_gb: float | None = None  # GPU memory the target's processes use after the load (NVML)
+    asleep: bool = False  # an adopted engine was found asleep
+
+
 def removed_error(model: str) -> LoadFailure:
     return LoadFailure(model, None, "was removed from models.yml by a configuration reload.",
                        "Pick another model (GET /v1/models).", code="model_not_found", cooldown=False)
 
 
 class Scheduler:
-    """Owns the active model, the switch in flight, the queue and the requests being served."""
+    """Owns the resident set, the switch in flight, the queue and the requests being served."""
 
     def __init__(self, config: Config, effects: Effects, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.effects = effects
         self.clock = clock
-        self.active: str | None = None  # loaded and healthy
+        self.resident: dict[str, Resident] = {}  # models whose engines run: loaded or asleep
         self.running: set[str] = set()  # managed units systemd reports running (activating … deactivating)
         self.switch: Switch | None = None
         self.queue: list[Ticket] = []
         self.serving: Counter[str] = Counter()
         self.switches_started = 0
-        self.idle_since: float | None = None  # when the active model's last response ended
         self.cooldowns: dict[str, Cooldown] = {}
         self.orphans: set[str] = set()  # units a reload dropped that still run a model the router loaded
         self.unreachable: str | None = None  # why systemd cannot be reached over D-Bus (None: it can)
+        self.measured: dict[str, float] = {}  # GB a model's processes used after its last load (NVML)
+        self.gpu_budget: dict[int, float] = {}  # GB per GPU from NVML; config.yml gpus: wins
+        self.host_ram_gb: float | None = None  # sleepers' budget from the host; residency.host_ram_gb wins
+        self.to_adopt: list[str] = []  # models found running at start (or after a reconnect)
+        self.to_preload: list[str] = []  # config.yml preload, loaded once nothing waits
+        self.blocked: set[str] = set()  # loaded models that take no new requests: a starving switch evicts them
+        self.version = 0  # bumped whenever the resident set changes (observers compare it)
+        self._ttl_cache: tuple[Config, bool] | None = None
+
+    # --- the resident set -----------------------------------------------------------------------
+
+    @property
+    def active(self) -> str | None:
+        """The most recently used loaded model (None: nothing loaded)."""
+        loaded = [r for r in self.resident.values() if r.state == "loaded"]
+        return max(loaded, key=lambda r: (r.last_used, r.model)).model if loaded else None
+
+    @property
+    def idle_since(self) -> float | None:
+        active = self.active
+        return self.resident[active].last_used if active is not None else None
+
+    def loaded(self) -> list[str]:
+        return [mid for mid, r in self.resident.items() if r.state == "loaded"]
+
+    def state_of(self, model_id: str) -> str | None:
+        """loaded, sleeping, or None (not resident)."""
+        r = self.resident.get(model_id)
+        return r.state if r is not None else None
+
+    def view(self) -> View:
+        config = self.config
+        budget = dict(self.gpu_budget)
+        budget.update({g.index: g.vram_gb for g in config.gpus})
+        host = config.residency.host_ram_gb if config.residency.host_ram_gb is not None else self.host_ram_gb
+        return View(config, self.resident, frozenset(self.serving), frozenset(self.running), self.measured,
+                    budget, host)
+
+    def _set_resident(self, model_id: str, state: str, now: float) -> None:
+        old = self.resident.get(model_id)
+        if old is not None and old.state == state:
+            return
+        last = old.last_used if old is not None else now
+        self.resident[model_id] = Resident(model_id, state, now if state == "loaded" else last, now)  # type: ignore[arg-type]
+        self.version += 1
+
+    def _drop_resident(self, model_id: str) -> None:
+        if self.resident.pop(model_id, None) is not None:
+            self.version += 1
+
+    def _reconcile(self) -> None:
+        """Forget resident models whose unit no longer runs (or that a reload removed)."""
+        for mid in list(self.resident):
+            model = self.config.models.get(mid)
+            if model is None or self.config.unit_of(model) not in self.running:
+                self._drop_resident(mid)
 
     # --- events -------------------------------------------------------------------------------
 
-    def on_startup(self, running: set[str], adopt: str | None) -> None:
-        """What systemd says is running when the router starts; `adopt` is the model found in it."""
+    def on_startup(self, running: set[str], adopt: str | list[str] | None) -> None:
+        """What systemd says is running when the router starts; `adopt`: the models found in it."""
         self.running = set(running)
-        if adopt is not None and adopt in self.config.models and self.switch is None:
-            self._start(make_plan(self.config, adopt, self.running, adopt=True))
+        adopt_list = [adopt] if isinstance(adopt, str) else list(adopt or [])
+        self.to_adopt = [m for m in adopt_list if m in self.config.models]
+        self.to_preload = [m for m in self.config.preload if m in self.config.models and m not in self.to_adopt]
+        self._next()
 
-    def on_resync(self, running: set[str], adopt: str | None) -> None:
-        """systemd is reachable again: what runs now. A model left running by a failed load is adopted."""
+    def on_resync(self, running: set[str], adopt: str | list[str] | None) -> None:
+        """systemd is reachable again: what runs now. Models left running by a failed load are adopted."""
         self.running = set(running)
-        if self.active is not None and self.config.unit_of(self.config.models[self.active]) not in self.running:
-            self.active = None
-        if self.switch is None and self.active is None and adopt is not None and adopt in self.config.models:
-            self._start(make_plan(self.config, adopt, self.running, adopt=True))
+        self._reconcile()
+        adopt_list = [adopt] if isinstance(adopt, str) else list(adopt or [])
+        target = self.switch.target if self.switch is not None else None
+        self.to_adopt += [m for m in adopt_list if m in self.config.models and m not in self.resident
+                          and m != target and m not in self.to_adopt]
         self._next()
 
     def on_request(self, ticket: Ticket) -> None:
         now = self.clock()
         ticket.arrived = now
         model = ticket.model
-        if model is not None and model not in self.config.models:
+        if ticket.unload or model is None:
+            ticket.unload = True
+            if model is not None and model not in self.config.models:
+                self._fail(ticket, removed_error(model))
+                return
+            self._enqueue(ticket)
+            self.effects.waiting(ticket, None)
+            self._next()
+            return
+        if model not in self.config.models:
             self._fail(ticket, removed_error(model))
             return
-        if model is not None and self.unreachable is None and (cooled := self._cooling(model, now)) is not None:
+        if self.unreachable is None and (cooled := self._cooling(model, now)) is not None:
             self._fail(ticket, cooled)  # (with systemd unreachable, that is the news: said below)
             return
-        if self._queued() >= self.config.switch.max_queue and not (
-                model is not None and model == self.active and self.switch is None and not self._starving(now)):
+        servable = self._servable(model) and not self._queued_for(model)
+        if self._queued() >= self.config.switch.max_queue and not servable:
             self._fail(ticket, LoadFailure(
-                model or "", None, f"{self._queued()} requests already wait for a model "
+                model, None, f"{self._queued()} requests already wait for a model "
                 f"(switch.max_queue is {self.config.switch.max_queue}).", "Try again in a few seconds.",
                 code="queue_full", cooldown=False))
             return
-        if model is not None and model == self.active and self.switch is None and not self._starving(now):
+        if servable:
             self._grant(ticket)
-        elif self.unreachable is not None:
-            error = unreachable_error(model or "", self.unreachable)  # no switch can run now
-            if model is not None and (cooled := self._cooling(model, now)) is not None:
+        elif self.unreachable is not None and self.state_of(model) != "loaded":
+            error = unreachable_error(model, self.unreachable)  # no switch can run now
+            if (cooled := self._cooling(model, now)) is not None:
                 error = replace(error, note=f"(its last load failed too: {cooled.what} {cooled.note})")
             self._fail(ticket, error)
-        elif (self.switch is not None and self.switch.target == model and model is not None
-              and not self.switch.aborting):
+        elif self.switch is not None and self.switch.target == model and not self.switch.aborting:
             self.switch.waiters.append(ticket)
             self.effects.waiting(ticket, self.switch)
         else:
@@ -195,12 +279,13 @@ class Scheduler:
         decided here while the handler is being cancelled, and must still be released.
         """
         if ticket.granted:
-            if not ticket.ended and ticket.model is not None and self.serving[ticket.model] > 0:
+            if not ticket.ended and ticket.model is not None and not ticket.unload and self.serving[ticket.model] > 0:
                 self.serving[ticket.model] -= 1
                 if not self.serving[ticket.model]:
                     del self.serving[ticket.model]
-                    if ticket.model == self.active:
-                        self.idle_since = self.clock()
+                r = self.resident.get(ticket.model)
+                if r is not None and r.state == "loaded":
+                    r.last_used = self.clock()
         elif ticket in self.queue:
             self.queue.remove(ticket)  # a switch in flight for it goes on
         elif self.switch is not None and ticket in self.switch.waiters:
@@ -213,7 +298,7 @@ class Scheduler:
         """systemd became unreachable over D-Bus (with why), or reachable again (None)."""
         self.unreachable = unreachable
         if unreachable is not None:  # nothing can be switched until it is back: say so at once
-            for ticket in [t for t in self.queue if t.model != self.active or t.model is None]:
+            for ticket in [t for t in self.queue if t.unload or self.state_of(t.model or "") != "loaded"]:
                 self.queue.remove(ticket)
                 self._fail(ticket, unreachable_error(ticket.model or "", unreachable))
             switch = self.switch
@@ -227,39 +312,55 @@ class Scheduler:
         self._next()
 
     def on_tick(self) -> None:
-        """A timer the scheduler asked for (wake_at) went off: linger ended, or a wait hit max_wait."""
+        """A timer the scheduler asked for (wake_at) went off: linger or a ttl ended, or a wait hit max_wait."""
         self._next()
 
-    def on_switch_done(self, switch_id: int, error: LoadFailure | None, running: set[str]) -> None:
+    def on_switch_done(self, switch_id: int, error: LoadFailure | None, running: set[str],
+                       outcome: SwitchOutcome | None = None) -> None:
         switch = self.switch
         if switch is None or switch.id != switch_id:
             return  # a stale report (cannot happen with one owner, but must never corrupt state)
+        outcome = outcome or SwitchOutcome()
+        now = self.clock()
         self.switch = None
         self.running = set(running)
+        plan = switch.plan
         if error is None or error.code != "systemd_unreachable":
-            self.orphans -= set(switch.plan.stop)  # stopped, or failed to stop: not tried again (logged)
+            self.orphans -= set(plan.stop)  # stopped, or failed to stop: not tried again (logged)
+        for mid in plan.sleep:
+            if mid in outcome.slept:
+                self._set_resident(mid, "sleeping", now)
+        for mid in plan.evicts:
+            if mid not in outcome.slept and mid != plan.target:
+                self._drop_resident(mid)
+        self._reconcile()
         target = switch.target
         if target is not None and target not in self.config.models:
             error = removed_error(target)  # a reload removed it while it loaded
         if error is None and target is not None:
-            self.active = target
-            self.idle_since = self.clock()
+            self._set_resident(target, "sleeping" if outcome.asleep else "loaded", now)
+            self.resident[target].last_used = now
+            if outcome.measured_gb is not None:
+                self.measured[target] = outcome.measured_gb
             self.cooldowns.pop(target, None)
-            for ticket in switch.waiters:
-                self._grant(ticket)
-        elif error is None:  # an unload (or a clean-up) that went well
-            self.active = None
+            if outcome.asleep:  # adopted asleep: they wait for a wake
+                self.queue[:0] = switch.waiters
+            else:
+                for ticket in switch.waiters:
+                    self._grant(ticket)
+        elif error is None:  # an unload, a ttl or a clean-up that went well
             for ticket in switch.waiters:
                 ticket.granted = True
                 self.effects.grant(ticket)
         else:
-            self.active = None
+            if target is not None:
+                self._drop_resident(target)  # a failed load or wake: a unit it left running is a stray
             if target is not None and error.transient and switch.attempt == 1 and switch.waiters:
-                self._start(make_plan(self.config, target, self.running), switch.waiters, attempt=2)
+                self._retry(target, switch.waiters)
                 return
             if target is not None and error.cooldown and error.code != "model_not_found":
                 model = self.config.models[target]
-                self.cooldowns[target] = Cooldown(error, self.clock(), self._definition(model))
+                self.cooldowns[target] = Cooldown(error, now, self._definition(model))
             for ticket in switch.waiters:
                 self._fail(ticket, error)
         self._next()
@@ -271,28 +372,32 @@ class Scheduler:
             return
         self.running.discard(unit)
         self.orphans.discard(unit)
-        if self.switch is None and self.active is not None:
-            model = self.config.models.get(self.active)
+        for mid in list(self.resident):
+            model = self.config.models.get(mid)
             if model is None or self.config.unit_of(model) == unit:
-                self.active = None  # the backend went away on its own: the next request reloads it
+                self._drop_resident(mid)  # the engine went away on its own: the next request reloads it
 
     def on_config(self, config: Config, orphans: set[str] | None = None) -> None:
-        """A new configuration: keep the active model when its definition did not change.
+        """A new configuration: keep each resident model whose definition did not change.
 
         `orphans`: units the old configuration managed and this one does not, that run a model the
         router loaded; they are stopped as soon as nothing streams from them.
         """
         old = self.config
         self.config = config
-        if self.active is not None and (
-                self.active not in config.models or old.models.get(self.active) != config.models[self.active]
-                or old.backend_of(old.models[self.active]) != config.backend_of(config.models[self.active])):
-            self.active = None
+        for mid in list(self.resident):
+            if (mid not in config.models or old.models.get(mid) != config.models[mid]
+                    or old.backend_of(old.models[mid]) != config.backend_of(config.models[mid])):
+                self._drop_resident(mid)  # its unit, still running, is stopped by the next switch
         for model_id, cooldown in list(self.cooldowns.items()):
             model = config.models.get(model_id)
             if model is None or self._definition(model) != cooldown.definition:
                 del self.cooldowns[model_id]  # a changed definition deserves a new try
+        self.measured = {m: gb for m, gb in self.measured.items()
+                         if m in config.models and old.models.get(m) == config.models[m]}
         self.orphans |= {u for u in orphans or set() if u in self.running}
+        self.to_preload += [m for m in config.preload if m not in old.preload and m not in self.to_preload]
+        self.to_adopt = [m for m in self.to_adopt if m in config.models]
         for ticket in [t for t in self.queue if t.model is not None and t.model not in config.models]:
             self.queue.remove(ticket)
             self._fail(ticket, removed_error(ticket.model or ""))
@@ -320,10 +425,33 @@ class Scheduler:
             oldest[key] = max(oldest.get(key, 0.0), now - ticket.arrived)
         return dict(counts), oldest
 
+    def ahead_of(self, ticket: Ticket) -> int:
+        """Requests for other models that will be served before this queued one (its place in line)."""
+        if ticket not in self.queue:
+            return 0
+        index = self.queue.index(ticket)
+        ahead = {t.model for t in self.queue[:index] if t.model != ticket.model}
+        return sum(1 for t in self.queue[:index] if t.model in ahead) + (
+            len(self.switch.waiters) if self.switch is not None and self.switch.target != ticket.model else 0)
+
     # --- decisions ----------------------------------------------------------------------------
 
     def _queued(self) -> int:
         return len(self.queue) + (len(self.switch.waiters) if self.switch is not None else 0)
+
+    def _queued_for(self, model: str) -> bool:
+        return any(t.model == model for t in self.queue)
+
+    def _servable(self, model: str) -> bool:
+        """Can a request for this model be served now: loaded, kept by the switch in flight, not
+        blocked by a starving switch, and under its max_concurrent."""
+        r = self.resident.get(model)
+        if r is None or r.state != "loaded" or model in self.blocked:
+            return False
+        if self.switch is not None and model in self.switch.plan.evicts:
+            return False
+        limit = self.config.models[model].max_concurrent
+        return limit is None or self.serving[model] < limit
 
     def _definition(self, model: Model) -> tuple[Model, object]:
         return model, self.config.backends.get(model.backend)
@@ -344,10 +472,8 @@ class Scheduler:
         f = cooldown.failure
         return LoadFailure(f.model, f.unit, f.what, f.hint, f.journal, f.code, cooldown=False, note=note)
 
-    def _starving(self, now: float) -> bool:
-        """Has a request for another model than the loaded one waited max_wait already?"""
-        max_wait = self.config.switch.max_wait
-        return any(t.model != self.active and now - t.arrived >= max_wait for t in self.queue)
+    def _needs_switch(self, ticket: Ticket) -> bool:
+        return ticket.unload or self.state_of(ticket.model or "") != "loaded"
 
     def _enqueue(self, ticket: Ticket) -> None:
         """Insert by priority, then arrival (a stable insertion after its equals)."""
@@ -356,17 +482,21 @@ class Scheduler:
             index -= 1
         self.queue.insert(index, ticket)
 
-    def _head(self, now: float) -> Ticket:
-        """The request whose model is loaded next: the oldest past max_wait, else the queue's first."""
+    def _head(self, now: float) -> Ticket | None:
+        """The request whose switch runs next: the oldest past max_wait, else the first in line."""
+        needing = [t for t in self.queue if self._needs_switch(t)]
+        if not needing:
+            return None
         max_wait = self.config.switch.max_wait
-        starving = [t for t in self.queue if t.model != self.active and now - t.arrived >= max_wait]
-        return min(starving, key=lambda t: t.arrived) if starving else self.queue[0]
+        starving = [t for t in needing if now - t.arrived >= max_wait]
+        return min(starving, key=lambda t: t.arrived) if starving else needing[0]
 
     def _abort_if_abandoned(self) -> None:
         """A load nobody waits for any more must not make a waiting request for another model sit out
         its load_timeout: cut it short. (With nobody else waiting it goes on: its client may return.)"""
         switch = self.switch
         if (switch is None or switch.aborting or switch.waiters or switch.target is None or switch.plan.adopt
+                or switch.plan.reason == "preload"
                 or not any(t.model != switch.target for t in self.queue)):
             return
         switch.aborting = True
@@ -376,57 +506,170 @@ class Scheduler:
         ticket.granted = True
         if ticket.model is not None:
             self.serving[ticket.model] += 1
+            r = self.resident.get(ticket.model)
+            if r is not None:
+                r.last_used = self.clock()
         self.effects.grant(ticket)
 
     def _fail(self, ticket: Ticket, error: LoadFailure) -> None:
         ticket.ended = True
         self.effects.fail(ticket, error)
 
+    def _grant_ready(self) -> None:
+        """Queued requests whose model is servable now, in queue order."""
+        for ticket in [t for t in self.queue if not t.unload and t.model is not None]:
+            if self._servable(ticket.model):
+                self.queue.remove(ticket)
+                self._grant(ticket)
+
     def _next(self) -> None:
-        """Start the next switch when nothing is in flight and no response is still streaming."""
-        while self.switch is None:
+        """Serve what can be served; start the next switch when none is in flight and its victims are idle."""
+        while True:
             now = self.clock()
-            starving = self._starving(now)
-            if self.active is not None and not starving:
-                ready = [t for t in self.queue if t.model == self.active]
-                for ticket in ready:  # queued behind a switch that has since brought this model back
-                    self.queue.remove(ticket)
-                    self._grant(ticket)
-            if self.serving:
-                return  # never switch away while a response is still streaming
-            if self.orphans and self.unreachable is None:
-                self._start(Plan(target=None, stop=tuple(sorted(self.orphans))), [])
-                return
-            if not self.queue:
-                return
-            if self.active is not None and not starving and self.config.switch.linger > 0:
-                until = (self.idle_since or now) + self.config.switch.linger
-                oldest = min(t.arrived for t in self.queue) + self.config.switch.max_wait
-                if now < until:
-                    self.effects.wake_at(min(until, oldest))
-                    return
             head = self._head(now)
-            if head.model is None and self.active is None and not self.running:
-                self.queue.remove(head)
-                self._grant(head)  # nothing to unload
+            room = self._decide(head) if head is not None else None
+            starving = head is not None and now - head.arrived >= self.config.switch.max_wait
+            self.blocked = set()
+            if starving and isinstance(room, Room):
+                self.blocked = set(room.evicts)
+            elif head is not None and head.unload:  # an unload takes no new requests for what it unloads
+                self.blocked = set(self._unload_models(head))
+            self._grant_ready()
+            if self.switch is not None or self.unreachable is not None:
+                return
+            if self.orphans:  # units a reload dropped hold memory nobody budgets: nothing loads before they stop
+                if not self._orphans_busy():
+                    self._start(Plan(target=None, stop=tuple(sorted(self.orphans)), reason="orphans"), [])
+                return
+            if self.to_adopt:
+                model = self.to_adopt.pop(0)
+                if model in self.config.models and model not in self.resident:
+                    self._start(make_plan(self.config, model, self.running, adopt=True))
+                    return
                 continue
-            if head.model is not None and head.model == self.active:
-                continue  # starving requests for the loaded model itself: granted above next round
-            if head.model is not None and (cooled := self._cooling(head.model, now)) is not None:
-                for ticket in [t for t in self.queue if t.model == head.model]:
+            if head is None:
+                self._idle_work(now)
+                return
+            if not head.unload and head.model is not None and (cooled := self._cooling(head.model, now)):
+                for ticket in [t for t in self.queue if t.model == head.model and not t.unload]:
                     self.queue.remove(ticket)
                     self._fail(ticket, cooled)
                 continue
-            plan = make_plan(self.config, head.model, self.running)
-            self._start(plan, [t for t in self.queue if t.model == head.model])
+            if not isinstance(room, Room):
+                if self._unload_or_fail(head, room):
+                    continue
+                return
+            if not self._victims_ready(room, head, now, starving):
+                return
+            plan = plan_room(self.config, room)
+            self._start(plan, [t for t in self.queue if t.model == head.model and not t.unload])
             return
+
+    def _decide(self, head: Ticket) -> Room | NoRoom | None:
+        if head.unload or head.model is None:
+            return None
+        return make_room(self.view(), head.model)
+
+    def _victims_ready(self, room: Room, head: Ticket, now: float, starving: bool) -> bool:
+        """May the switch evict its victims now: none busy, none within its linger? Else wake up later."""
+        deadline = head.arrived + self.config.switch.max_wait
+        if room.blocked_by:
+            if not starving:
+                self.effects.wake_at(deadline)  # then new requests for the victims queue behind it
+            return False
+        linger = self.config.switch.linger
+        if linger > 0 and not starving and room.evicts:
+            until = max(self.resident[mid].last_used for mid in room.evicts if mid in self.resident) + linger
+            if now < until:
+                self.effects.wake_at(min(until, deadline))
+                return False
+        return True
+
+    def _unload_or_fail(self, head: Ticket, room: Room | NoRoom | None) -> bool:
+        """The head is an unload, or its model can never fit now. True: go on with the next head."""
+        if isinstance(room, NoRoom):
+            error = LoadFailure(room.target, None, f"cannot be loaded: it {room.what}", room.hint,
+                                code="model_unavailable", cooldown=False)
+            for ticket in [t for t in self.queue if t.model == room.target and not t.unload]:
+                self.queue.remove(ticket)
+                self._fail(ticket, error)
+            return True
+        models = self._unload_models(head)
+        if head.model is None:
+            units = [u for u in self.config.managed_units() if u in self.running]
+        else:
+            unit = self.config.unit_of(self.config.models[head.model])
+            units = [unit] if unit in self.running else []
+        if any(m in self.serving for m in models):
+            return False  # it waits for the responses streaming (and takes no new ones: see blocked)
+        if not units:
+            self.queue.remove(head)
+            self._drop_all(models)
+            head.granted = True
+            self.effects.grant(head)  # nothing to unload
+            return True
+        plan = Plan(target=None, stop=tuple(units), evicts=tuple(models), reason="unload")
+        self._start(plan, [head])
+        return False
+
+    def _unload_models(self, head: Ticket) -> list[str]:
+        if head.model is None:
+            return list(self.resident)
+        return [head.model] if head.model in self.resident else []
+
+    def _orphans_busy(self) -> bool:
+        """Does a response still stream from a unit a reload dropped (its model gone or moved)?"""
+        for mid in self.serving:
+            model = self.config.models.get(mid)
+            if model is None or self.config.unit_of(model) in self.orphans:
+                return True
+        return False
+
+    def _drop_all(self, models: list[str]) -> None:
+        for mid in models:
+            self._drop_resident(mid)
+
+    def _idle_work(self, now: float) -> None:
+        """Nothing waits: ttls that ran out, then preloads."""
+        if not self.to_preload and not self._ttls():
+            return  # the usual case, after every response: nothing to look at
+        view = self.view()
+        evict, stop, upcoming = expired(view, now, set(self.serving))
+        if evict or stop:
+            sleep, stopped = sleep_or_stop(view, evict, exclude=set(stop))
+            self._start(plan_evict(self.config, sleep, stopped + stop, "ttl"), [])
+            return
+        while self.to_preload:
+            model = self.to_preload.pop(0)
+            if model in self.config.models and model not in self.resident and self._cooling(model, now) is None:
+                room = make_room(self.view(), model)
+                if isinstance(room, Room) and not room.blocked_by:
+                    self._start(plan_room(self.config, room, "preload"))
+                    return
+        if upcoming is not None:
+            self.effects.wake_at(upcoming)
+
+    def _ttls(self) -> bool:
+        """Does anything in this configuration ever expire? (cached per configuration)"""
+        cached = self._ttl_cache
+        if cached is None or cached[0] is not self.config:
+            c = self.config
+            any_ttl = c.residency.sleep_ttl is not None or any(c.ttl_of(m) is not None for m in c.models.values())
+            cached = self._ttl_cache = (c, any_ttl)
+        return cached[1]
+
+    def _retry(self, target: str, waiters: list[Ticket]) -> None:
+        room = make_room(self.view(), target)
+        if isinstance(room, NoRoom):
+            self._start(make_plan(self.config, target, self.running), waiters, attempt=2)
+        else:
+            self._start(plan_room(self.config, room), waiters, attempt=2)
 
     def _start(self, plan: Plan, waiters: list[Ticket] | None = None, attempt: int = 1) -> None:
         self.switch = Switch(plan, list(waiters or []), attempt=attempt)
         for ticket in self.switch.waiters:
             if ticket in self.queue:
                 self.queue.remove(ticket)
-        self.active = None
         if plan.target is not None and not plan.adopt:
             self.switches_started += 1  # loads only: adopting or unloading is not a switch
         self.effects.start_switch(self.switch)

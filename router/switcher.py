@@ -22,14 +22,15 @@ from typing import Any
 
 import structlog
 
+from router import gpu, hostmem
 from router.atomicfile import read_text
 from router.backendconf import read_model_name
-from router.chunks import switching_line
+from router.chunks import switching_line, waking_line
 from router.config import Backend, Config, Model
 from router.events import EventBus, ModelState, QueueDepth, SwitchEnded, SwitchProgress
 from router.execstart import DROPIN_NAME, dropin_model_id, needs_dropin
-from router.executor import HealthProbe, PlanExecutor, SwitchRun
-from router.scheduler import LoadFailure, Scheduler, Switch, Ticket
+from router.executor import HealthProbe, MemoryProbe, PlanExecutor, SleepDriver, SwitchRun
+from router.scheduler import LoadFailure, Scheduler, Switch, SwitchOutcome, Ticket
 from router.systemd import SystemdError
 
 log = structlog.get_logger("router.switcher")
@@ -79,11 +80,12 @@ class Switcher:
 
     def __init__(self, config: Config, systemd: Any, probe: HealthProbe,
                  clock: Callable[[], float] = time.monotonic,
-                 port_check: Callable[[str], str | None] | None = None) -> None:
+                 port_check: Callable[[str], str | None] | None = None,
+                 memory: MemoryProbe | None = None, sleeper: SleepDriver | None = None) -> None:
         self.systemd = systemd
         self.clock = clock
         self.scheduler = Scheduler(config, self, clock)
-        self.executor = PlanExecutor(systemd, probe, self, clock, port_check)
+        self.executor = PlanExecutor(systemd, probe, self, clock, port_check, memory, sleeper)
         self.events = EventBus()  # typed events for metrics, /events and history (router/events.py)
         self.expected_load: Callable[[str], float | None] | None = None  # typical load time, from history
         self.run_info: SwitchRun | None = None
@@ -100,7 +102,8 @@ class Switcher:
         self._dispatching = False  # a handler runs inline (_dispatch): a nested event is queued instead
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._seen: tuple[Any, ...] = (None, None, 0)
+        self._seen: tuple[Any, ...] = (-1, None, 0)
+        self._states: dict[str, str] = {}  # each model's state as observers last heard it
 
     @property
     def config(self) -> Config:
@@ -118,7 +121,10 @@ class Switcher:
         await self.systemd.watch(units)
         states = await self.systemd.states(units)
         running = {u for u, s in states.items() if s.is_running}
-        adopt = find_running_model(self.config, running)
+        adopt = find_running_models(self.config, running)
+        with contextlib.suppress(Exception):  # budgets the config does not give: from the driver and the host
+            self.scheduler.gpu_budget = await asyncio.to_thread(gpu.budget)
+            self.scheduler.host_ram_gb = hostmem.default_budget_gb()
         log.info("startup", running=sorted(running), adopt=adopt)
         self._start_loop()
         self._post(self.scheduler.on_startup, running, adopt)
@@ -218,11 +224,16 @@ class Switcher:
 
     # --- what request handlers call -----------------------------------------------------------
 
-    def submit(self, model: str | None, priority: int = 1) -> Ticket:
-        ticket = Ticket(model, priority)
+    def submit(self, model: str | None, priority: int = 1, unload: bool = False) -> Ticket:
+        ticket = Ticket(model, priority, unload=unload or model is None)
         self._inbox[ticket.id] = asyncio.Queue()
         self._dispatch(self._on_request, ticket)
         return ticket
+
+    def unload(self, model_id: str | None) -> Ticket:
+        """Unload one model (None: every model): it leaves the GPU and its unit stops, even a persistent
+        one; waits for its responses in flight. Read the outcome with next_update: Unloaded or Failed."""
+        return self.submit(model_id, unload=True)
 
     def _on_request(self, ticket: Ticket) -> None:
         self._check_bus()
@@ -260,7 +271,8 @@ class Switcher:
         """Apply a new configuration; units it no longer manages are stopped if they run a router model."""
         old = self.config
         dropped = [u for u in old.managed_units() if u not in set(config.managed_units())]
-        orphans = {u for u in dropped if u in self.scheduler.running and router_loaded(old, u, self.scheduler.active)}
+        resident = set(self.scheduler.resident)
+        orphans = {u for u in dropped if u in self.scheduler.running and router_loaded(old, u, resident)}
         self.config_loaded_at, self.reload_error = time.time(), None
         if orphans:
             log.warning("reload_orphans", units=sorted(orphans), action="stopping them: they run a model the "
@@ -269,11 +281,15 @@ class Switcher:
         self._spawn(self.systemd.watch(config.managed_units()), "watch")
 
     def model_state(self, model_id: str) -> str:
+        """loading, loaded, sleeping, failed (its last load failed) or unloaded."""
         s = self.scheduler
+        if s.switch is not None and s.switch.target == model_id and not s.switch.plan.adopt:
+            return "loading"
+        state = s.state_of(model_id)
+        if state is not None:
+            return state
         if s.switch is not None and s.switch.target == model_id:
             return "loading"
-        if s.active == model_id:
-            return "loaded"
         return "failed" if model_id in s.cooldowns else "unloaded"
 
     # --- Effects: called by the scheduler, inside the run loop --------------------------------
@@ -288,14 +304,16 @@ class Switcher:
         return model.display_name if model else (model_id or "all models")
 
     def waiting(self, ticket: Ticket, switch: Switch | None) -> None:
-        if not ticket.told_switching and ticket.model is not None:
+        if not ticket.told_switching and ticket.model is not None and not ticket.unload:
             ticket.told_switching = True
-            self._send(ticket, Status(switching_line(self._display(ticket.model))))
+            display = self._display(ticket.model)
+            wake = switch.plan.wake if switch is not None else self.scheduler.state_of(ticket.model) == "sleeping"
+            self._send(ticket, Status(waking_line(display) if wake else switching_line(display)))
         if switch is not None and self.run_info is not None and self.run_info.load_started is not None:
             self._send(ticket, Status(self.run_info.loading_text()))
 
     def grant(self, ticket: Ticket) -> None:
-        if ticket.model is None:
+        if ticket.model is None or ticket.unload:
             self._send(ticket, Unloaded())
             return
         model = self.config.models[ticket.model]
@@ -340,7 +358,8 @@ class Switcher:
 
     # --- the switch task and its end ----------------------------------------------------------
 
-    async def _execute(self, plan: Any, config: Config, run: SwitchRun) -> tuple[LoadFailure | None, set[str]]:
+    async def _execute(self, plan: Any, config: Config,
+                       run: SwitchRun) -> tuple[LoadFailure | None, set[str], SwitchOutcome]:
         log.info("switch_start", switch_id=run.switch_id, target=plan.target, stop=list(plan.stop),
                  start=plan.start, adopt=plan.adopt)
         try:
@@ -357,7 +376,8 @@ class Switcher:
             error = LoadFailure(plan.target or "", plan.start, f"the router hit an internal error: {e!r}.",
                                 "See the router's own journal and report it.", code="internal_error",
                                 cooldown=False)
-        return error, await self._running_units(config)
+        outcome = SwitchOutcome(frozenset(run.slept), run.measured_gb, run.asleep)
+        return error, await self._running_units(config), outcome
 
     async def _running_units(self, config: Config) -> set[str]:
         try:
@@ -371,6 +391,7 @@ class Switcher:
         if self._closing:
             return
         running = set(self.scheduler.running)
+        outcome = SwitchOutcome(frozenset(run.slept))
         if task.cancelled():
             error: LoadFailure | None = LoadFailure(switch.target or "", switch.plan.start,
                                                     "was cut short.", code="model_load_abandoned", cooldown=False)
@@ -381,26 +402,28 @@ class Switcher:
                                 "See the router's own journal and report it.", code="internal_error",
                                 cooldown=False)
         else:
-            error, running = task.result()
+            error, running, outcome = task.result()
         took = run.elapsed()
         display = run.display
         if switch.target is not None:  # /status's last_switch describes the last load, not an unload
             self.last_switch = {"target": switch.target, "ok": error is None, "took": round(took, 3),
-                                "error": error.message(display) if error else None}
+                                "error": error.message(display) if error else None,
+                                "woke": run.woke, "reason": switch.plan.reason}
         if error is None:
             log.info("switch_done", switch_id=switch.id, target=switch.target, took=round(took, 3))
         else:
             log.error("switch_failed", switch_id=switch.id, target=switch.target, took=round(took, 3),
                       error=error.message(display))
-        outcome = "ok" if error is None else ("aborted" if error.code == "model_load_abandoned" else "failed")
-        self.events.emit(SwitchEnded(switch.id, self._seen[0], switch.target, outcome, round(took, 3),
+        result = "ok" if error is None else ("aborted" if error.code == "model_load_abandoned" else "failed")
+        evicted = switch.plan.evicts[0] if switch.plan.evicts else None
+        self.events.emit(SwitchEnded(switch.id, evicted, switch.target, result, round(took, 3),
                                      run.load_seconds, error.message(display) if error else None))
         if error is not None and switch.target is not None:
             self.events.emit(ModelState(switch.target, "failed", switch.plan.start, error.message(display)))
         if self.run_info is run:
             self.run_info = None
         self._post(self._check_bus)  # a switch that failed for an unreachable bus: the queue learns it first
-        self._post(self.scheduler.on_switch_done, switch.id, error, running)
+        self._post(self.scheduler.on_switch_done, switch.id, error, running, outcome)
 
     # --- Progress: called by the executor ----------------------------------------------------
 
@@ -423,24 +446,26 @@ class Switcher:
     # --- observers ----------------------------------------------------------------------------
 
     def _observe(self) -> None:
-        """After each event: tell observers what changed (loaded model, load started, queue)."""
+        """After each event: tell observers what changed (model states, load started, queue)."""
         s = self.scheduler
         target = s.switch.target if s.switch is not None else None
         waiting = len(s.queue) + (len(s.switch.waiters) if s.switch is not None else 0)
-        seen = (s.active, target, waiting)
+        seen = (s.version, target, waiting, len(s.cooldowns))
         if seen == self._seen:
             return
-        old_active, old_target, old_waiting = self._seen
+        old_waiting = self._seen[2]
         self._seen = seen
         if not self.events.has_observers:
             return
-        if s.active != old_active:
-            if old_active is not None:
-                self.events.emit(ModelState(old_active, "unloaded"))
-            if s.active is not None:
-                self.events.emit(ModelState(s.active, "loaded", self.config.unit_of(self.config.models[s.active])))
-        if target is not None and target != old_target:
-            self.events.emit(ModelState(target, "loading", s.switch.plan.start if s.switch else None))
+        for model_id in self.config.models:
+            state = self.model_state(model_id)
+            if self._states.get(model_id, "unloaded") == state:
+                continue
+            self._states[model_id] = state
+            if state == "failed":
+                continue  # said with its error by _switch_task_ended
+            unit = self.config.unit_of(self.config.models[model_id]) if state != "unloaded" else None
+            self.events.emit(ModelState(model_id, state, unit))
         if waiting != old_waiting:
             counts, oldest = s.waiting_counts()
             self.events.emit(QueueDepth(counts, oldest))
@@ -466,7 +491,7 @@ class Switcher:
         with contextlib.suppress(SystemdError):
             await self.systemd.watch(config.managed_units())
             running = await self._running_units(config)
-            adopt = find_running_model(config, running)
+            adopt = find_running_models(config, running)
             log.info("systemd_resync", running=sorted(running), adopt=adopt)
             self._post(self.scheduler.on_resync, running, adopt)
 
@@ -476,11 +501,21 @@ def _answer(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def router_loaded(config: Config, unit: str, active: str | None) -> bool:
-    """Does this unit run a model the router loaded? (its active model, or the router's drop-in in it)"""
-    if active is not None and active in config.models and config.unit_of(config.models[active]) == unit:
+def router_loaded(config: Config, unit: str, resident: set[str]) -> bool:
+    """Does this unit run a model the router loaded? (a resident model, or the router's drop-in in it)"""
+    if any(m in config.models and config.unit_of(config.models[m]) == unit for m in resident):
         return True
     return dropin_model_id(_read(config.systemd.dropin_dir / f"{unit}.d" / DROPIN_NAME) or "") is not None
+
+
+def find_running_models(config: Config, running: set[str]) -> list[str]:
+    """Every model the running units serve: one a unit (a template instance runs its own model)."""
+    found: list[str] = []
+    for unit in running:
+        model = find_running_model(config, {unit})
+        if model is not None and model not in found:
+            found.append(model)
+    return sorted(found)
 
 
 def find_running_model(config: Config, running: set[str]) -> str | None:
@@ -488,8 +523,14 @@ def find_running_model(config: Config, running: set[str]) -> str | None:
     for model in config.models.values():
         if model.unit and model.unit in running:
             return model.id
+    for model in config.models.values():
+        if not model.unit and config.backend_of(model).template and config.unit_of(model) in running:
+            marked = dropin_model_id(_read(config.systemd.dropin_dir / f"{config.unit_of(model)}.d" / DROPIN_NAME)
+                                     or "")
+            if marked == model.id or not needs_dropin(model):
+                return model.id
     for backend in config.backends.values():
-        if backend.unit not in running:
+        if backend.template or backend.unit not in running:
             continue
         on_backend = [m for m in config.models.values() if m.backend == backend.name and not m.unit]
         dropin = config.systemd.dropin_dir / f"{backend.unit}.d" / DROPIN_NAME

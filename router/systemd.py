@@ -404,6 +404,14 @@ class Systemd:
 
         return await self._run("Get ExecStart", name, read)
 
+    async def control_group(self, name: str) -> str:
+        """The unit's cgroup below the cgroup2 root ('' while it runs nothing): whose GPU memory is whose."""
+        def read(con: Any) -> str:
+            path = self._path_sync(con, name)
+            return str(_call(con, SD, path, PROPS_IF, "Get", "(ss)", (SERVICE_IF, "ControlGroup"))[0])
+
+        return await self._run("Get ControlGroup", name, read)
+
     async def start(self, name: str, timeout: float) -> str:
         """Start a unit; return its job's result ('done', 'failed', 'timeout', …) once the job ends."""
         return await self._job("StartUnit", name, timeout)

@@ -9,10 +9,21 @@ transcription and speech, image generation, and two engine extras for /upstream 
 and /echo (any method). Knobs simulate slow loads, engines that never get healthy,
 start-up failures, crashes mid-stream, slow token rates and engines that report no usage.
 
+Sleep mode, as vLLM (POST /sleep?level=1, POST /wake_up, GET /is_sleeping) and SGLang (POST
+/release_memory_occupation, POST /resume_memory_occupation) serve it: a sleeping engine keeps
+answering /health (as vLLM does) but refuses completions and embeddings with 503 "Engine is
+sleeping. Call /wake_up to resume." (vLLM's EngineSleepingError), so a request the router sends to a
+sleeper is visible. It takes --sleep-time/--wake-time seconds; a wake fails (500, still asleep) with
+--fail-wake or while the --fail-wake-if FILE exists. The "GPU memory" it holds (--vram-gb awake, 0
+asleep) is in GET /fake/state, and in --gpu-memory-dir DIR/<pid>.json (written atomically, removed
+at exit) where a fake NVML (tests/fake_nvml/pynvml.py) reads it as this process's usedGpuMemory.
+
 Usage: fake_backend.py --port 8085 [--host 127.0.0.1] [--model-id X | --config tabby.yml]
        [--load-delay S] [--never-healthy] [--exit-code N] [--exit-after S]
        [--crash-mid-stream K] [--tokens N] [--token-rate R] [--record FILE] [--no-usage]
        [--note WORD]... [--flaky FILE]
+       [--no-sleep] [--sleep-time S] [--wake-time S] [--fail-wake] [--fail-wake-if FILE]
+       [--vram-gb G] [--gpu N] [--gpu-memory-dir DIR]
 """
 
 from __future__ import annotations
@@ -64,7 +75,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="fail every other start: exit 1 when FILE is absent (creating it), else remove it and run")
     ap.add_argument("--note", action="append", default=[],
                     help="ignored; logged at start (tests put awkward argv words here)")
+    ap.add_argument("--no-sleep", action="store_true",
+                    help="no sleep endpoints (404), like vLLM without VLLM_SERVER_DEV_MODE=1")
+    ap.add_argument("--sleep-time", type=float, default=0.0, help="seconds a sleep takes")
+    ap.add_argument("--wake-time", type=float, default=0.0, help="seconds a wake takes")
+    ap.add_argument("--fail-wake", action="store_true", help="every wake fails (HTTP 500, stays asleep)")
+    ap.add_argument("--fail-wake-if", default=None, metavar="FILE", help="a wake fails while FILE exists")
+    ap.add_argument("--vram-gb", type=float, default=1.0, help="GPU memory it reports while awake (GiB)")
+    ap.add_argument("--gpu", type=int, default=0, help="the GPU index it reports its memory on")
+    ap.add_argument("--gpu-memory-dir", default=None, metavar="DIR",
+                    help="write DIR/<pid>.json with the GPU memory it holds (for a fake NVML)")
     return ap.parse_args(argv)
+
+
+def seconds_since_exec() -> float | None:
+    """How long ago this process started (/proc/self/stat, in clock ticks since boot); None off Linux."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def model_from_config(path: str) -> str:
@@ -107,7 +140,98 @@ class HttpError(Exception):
 
 
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-           413: "Payload Too Large", 503: "Service Unavailable"}
+           413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
+
+SLEEPING = "Engine is sleeping. Call /wake_up to resume."  # vLLM's EngineSleepingError
+SLEEP_PATHS = ("/sleep", "/wake_up", "/is_sleeping", "/release_memory_occupation", "/resume_memory_occupation")
+
+
+class WakeFailed(Exception):
+    """A wake the options make fail: the engine stays asleep."""
+
+
+class SleepState:
+    """Whether the engine sleeps, what its transitions took, and the GPU memory it holds."""
+
+    def __init__(self, args: argparse.Namespace, model_id: str) -> None:
+        self.args = args
+        self.model_id = model_id
+        self.sleeping = False
+        self.level: int | None = None
+        self.sleeps = 0
+        self.wakes = 0
+        self.failed_wakes = 0
+        self.refused = 0  # requests refused because the engine slept
+        self.last_sleep_seconds: float | None = None
+        self.last_wake_seconds: float | None = None
+        self.lock = asyncio.Lock()  # one transition at a time, like the engine core
+        self.startup_seconds: float | None = None  # process start -> listening (interpreter, imports)
+
+    def gpu_memory_gb(self) -> float:
+        return 0.0 if self.sleeping else self.args.vram_gb
+
+    def memory_file(self) -> str | None:
+        d = self.args.gpu_memory_dir
+        return os.path.join(d, f"{os.getpid()}.json") if d else None
+
+    def write_memory(self) -> None:
+        """DIR/<pid>.json: this process's GPU memory, for a fake NVML (atomic: temp file + rename)."""
+        path = self.memory_file()
+        if path is None:
+            return
+        data = {"pid": os.getpid(), "gpu": self.args.gpu, "model_id": self.model_id, "sleeping": self.sleeping,
+                "used_bytes": int(self.gpu_memory_gb() * 2**30)}
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+
+    def remove_memory(self) -> None:
+        path = self.memory_file()
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def wake_fails(self) -> bool:
+        return self.args.fail_wake or bool(self.args.fail_wake_if and os.path.exists(self.args.fail_wake_if))
+
+    async def sleep(self, level: int) -> None:
+        async with self.lock:
+            if self.sleeping:
+                log(f"{self.model_id}: already sleeping")
+                return
+            t0 = time.monotonic()
+            await asyncio.sleep(self.args.sleep_time)
+            self.sleeping, self.level = True, level
+            self.sleeps += 1
+            self.last_sleep_seconds = time.monotonic() - t0
+            self.write_memory()
+            log(f"{self.model_id}: asleep (level {level}) after {self.last_sleep_seconds:.3f}s")
+
+    async def wake(self) -> None:
+        async with self.lock:
+            if not self.sleeping:
+                log(f"{self.model_id}: already awake")
+                return
+            t0 = time.monotonic()
+            await asyncio.sleep(self.args.wake_time)
+            if self.wake_fails():
+                self.failed_wakes += 1
+                err(f"{self.model_id}: wake failed, still asleep (--fail-wake/--fail-wake-if)")
+                raise WakeFailed("CUDA error: out of memory while restoring the weights (fake: --fail-wake)")
+            self.sleeping, self.level = False, None
+            self.wakes += 1
+            self.last_wake_seconds = time.monotonic() - t0
+            self.write_memory()
+            log(f"{self.model_id}: awake after {self.last_wake_seconds:.3f}s")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "pid": os.getpid(), "sleeping": self.sleeping, "level": self.level,
+                "gpu": self.args.gpu, "gpu_memory_gb": self.gpu_memory_gb(), "load_seconds": self.args.load_delay,
+                "startup_seconds": self.startup_seconds,
+                "sleeps": self.sleeps, "wakes": self.wakes, "failed_wakes": self.failed_wakes,
+                "refused_while_asleep": self.refused, "last_sleep_seconds": self.last_sleep_seconds,
+                "last_wake_seconds": self.last_wake_seconds}
 
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 OTHER_PATHS = ("/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/v1/rerank", "/rerank",
@@ -138,6 +262,7 @@ class FakeBackend:
         self.model_id = model_id
         self.t0 = time.monotonic()
         self.requests = 0
+        self.state = SleepState(args, model_id)
         self.headers: dict[str, str] = {}  # of the request being answered
         self.query = ""
         self.received: deque[tuple[str, str, dict[str, str], bytes]] = deque(maxlen=32)  # path, query, headers, body
@@ -178,7 +303,7 @@ class FakeBackend:
                 path, _, query = target.partition("?")
                 self.headers, self.query = headers, query
                 self.received.append((path, query, headers, raw))
-                await self.route(method, path, raw, writer, keep)
+                await self.route(method, path, raw, writer, keep, query)
                 if not keep:
                     return
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -214,6 +339,13 @@ class FakeBackend:
         await writer.drain()
 
     @staticmethod
+    async def send_empty(writer: asyncio.StreamWriter, status: int, keep: bool) -> None:
+        """A response without a body (vLLM's /sleep and /wake_up answer 200 so)."""
+        writer.write(f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Length: 0\r\n"
+                     f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n".encode())
+        await writer.drain()
+
+    @staticmethod
     async def start_stream(writer: asyncio.StreamWriter, content_type: str = "text/event-stream") -> None:
         writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nCache-Control: no-cache\r\n"
                      "Transfer-Encoding: chunked\r\n\r\n".encode())
@@ -231,13 +363,19 @@ class FakeBackend:
 
     @staticmethod
     def error_body(status: int, message: str) -> dict[str, Any]:
-        kind = "unavailable_error" if status == 503 else "invalid_request_error"
+        kind = {503: "unavailable_error", 500: "internal_error"}.get(status, "invalid_request_error")
         return {"error": {"code": status, "message": message, "type": kind}}
 
     # --- endpoints ---------------------------------------------------------------------------
     async def route(self, method: str, path: str, raw: bytes, writer: asyncio.StreamWriter,
-                    keep: bool) -> None:
+                    keep: bool, query: str = "") -> None:
         self.requests += 1
+        if path == "/fake/state":
+            await self.send(writer, 200, self.state.as_dict(), keep)
+            return
+        if path in SLEEP_PATHS and not self.args.no_sleep:
+            await self.sleep_route(method, path, query, writer, keep)
+            return
         if path == "/health":
             if self.healthy():
                 await self.send(writer, 200, {"status": "ok", "model": self.model_id}, keep)
@@ -271,6 +409,11 @@ class FakeBackend:
         if not self.healthy():
             await self.send(writer, 503, self.error_body(503, "Loading model"), keep)
             return
+        if self.state.sleeping:
+            self.state.refused += 1
+            err(f"{self.model_id}: refused {path}: {SLEEPING}")
+            await self.send(writer, 503, self.error_body(503, SLEEPING), keep)
+            return
         if path == "/v1/embeddings":
             await self.embed(writer, body, keep)
             return
@@ -295,6 +438,41 @@ class FakeBackend:
             await self.stream(writer, body, chat, toks, usage, finish)
         else:
             await self.complete(writer, body, chat, toks, usage, finish, keep)
+
+    async def sleep_route(self, method: str, path: str, query: str, writer: asyncio.StreamWriter,
+                          keep: bool) -> None:
+        """vLLM's /sleep, /wake_up, /is_sleeping and SGLang's release/resume_memory_occupation."""
+        if path == "/is_sleeping":
+            await self.send(writer, 200, {"is_sleeping": self.state.sleeping}, keep)
+            return
+        if method != "POST":
+            await self.send(writer, 405, {"detail": "Method Not Allowed"}, keep)
+            return
+        vllm = path in ("/sleep", "/wake_up")
+        if path in ("/sleep", "/release_memory_occupation"):
+            level = 1
+            for pair in query.split("&"):
+                key, _, value = pair.partition("=")
+                if key == "level" and value.isdigit():
+                    level = int(value)
+            await self.state.sleep(level)
+            if vllm:
+                await self.send_empty(writer, 200, keep)
+            else:
+                await self.send(writer, 200, {"success": True, "message": "released"}, keep)
+            return
+        try:
+            await self.state.wake()
+        except WakeFailed as exc:
+            if vllm:
+                await self.send(writer, 500, self.error_body(500, str(exc)), keep)
+            else:
+                await self.send(writer, 400, {"success": False, "message": str(exc)}, keep)
+            return
+        if vllm:
+            await self.send_empty(writer, 200, keep)
+        else:
+            await self.send(writer, 200, {"success": True, "message": "resumed"}, keep)
 
     async def embed(self, writer: asyncio.StreamWriter, body: dict[str, Any], keep: bool) -> None:
         """/v1/embeddings: one small vector per input; `model` names the model this process loaded."""
@@ -510,6 +688,8 @@ async def amain(args: argparse.Namespace, model_id: str) -> int:
     except OSError as exc:
         err(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
         return 1
+    fake.state.write_memory()
+    fake.state.startup_seconds = seconds_since_exec()
     log(f"ready on http://{args.host}:{args.port} (model {model_id}, pid {os.getpid()})")
     if args.load_delay > 0 and not args.never_healthy:
         loop.call_later(args.load_delay, log, f"{model_id} loaded after {args.load_delay}s")
@@ -520,6 +700,7 @@ async def amain(args: argparse.Namespace, model_id: str) -> int:
                                                   finish(code, "exit")))
     code = await done
     server.close()
+    fake.state.remove_memory()
     return code
 
 

@@ -262,14 +262,14 @@ def test_status_text_and_json(sandbox: Sandbox, units: Units, router: Router) ->
     rt, u = one_backend(units, router)
     r = cli("status", "--config-dir", str(rt.config_dir))
     assert r.returncode == 0, r.stderr
-    assert "active:  (none)" in r.stdout.splitlines(), r.stdout
+    assert "loaded:   (none)" in r.stdout.splitlines(), r.stdout
     assert f"unit {u.name}: inactive (dead)" in r.stdout, r.stdout
 
     assert cli("switch", "m-a", "--url", rt.url).returncode == 0
     r = cli("status", "--config-dir", str(rt.config_dir))
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == "active:  m-a", lines
+    assert lines[0] == "loaded:   m-a", lines
     assert f"unit {u.name}: active (running)" in lines, lines
     assert any(re.fullmatch(r"last switch: m-a in \d+\.\ds, ok", ln) for ln in lines), lines
     assert any(ln.startswith("gpu: ") for ln in lines), lines

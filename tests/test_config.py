@@ -614,7 +614,8 @@ def test_bad_settings(text: str, line: int, message: str) -> None:
                                                 "in '.service'"),
         ("{unit: /etc/systemd/system/x.service, url: 'http://h:1'}",
          "backends.b.unit: '/etc/systemd/system/x.service' is a path; give the unit's name only, like 'x.service'"),
-        ("{unit: x@.service, url: 'http://h:1'}", "backends.b.unit: 'x@.service' is a template; name an instance"),
+        ("{unit: x.service, url: 'http://h:{port}'}", "backends.b.url: 'http://h:{port}' has {port}, which only a "
+                                                      "template backend fills"),
         ("{unit: 'a b.service', url: 'http://h:1'}", "backends.b.unit: 'a b.service' is not a valid unit name"),
         ("{unit: x.service, url: 'localhost:8000'}", "backends.b.url: expected an http:// or https:// URL"),
         ("{unit: x.service, url: 'http://h:99999'}", "backends.b.url: 'http://h:99999' is not a valid URL"),

@@ -110,10 +110,10 @@ def test_no_usage_and_token_rate(fake: Callable[..., Fake]) -> None:
 
 
 def test_load_delay_then_healthy(fake: Callable[..., Fake]) -> None:
-    f = fake("--model-id", "slow", "--load-delay", "0.6")
+    f = fake("--model-id", "slow", "--load-delay", "3")
     assert httpx.get(f.url + "/health").status_code == 503
     assert httpx.post(f.url + "/v1/chat/completions", json=chat_body("m")).status_code == 503
-    wait_until(lambda: httpx.get(f.url + "/health").status_code == 200, timeout=5, step=0.05)
+    wait_until(lambda: httpx.get(f.url + "/health").status_code == 200, timeout=15, step=0.05)
 
 
 def test_never_healthy(fake: Callable[..., Fake]) -> None:
@@ -130,7 +130,7 @@ def test_exit_code_at_once(fake: Callable[..., Fake]) -> None:
 
 
 def test_exit_after(fake: Callable[..., Fake]) -> None:
-    f = fake("--model-id", "dies", "--exit-after", "0.3", "--exit-code", "4")
+    f = fake("--model-id", "dies", "--exit-after", "2", "--exit-code", "4")
     assert f.proc.wait(10) == 4
 
 
@@ -168,3 +168,83 @@ def test_ready_line_and_sigterm(fake: Callable[..., Fake]) -> None:
     out, _ = f.proc.communicate(timeout=10)
     assert f.proc.returncode == 0
     assert "fake_backend: ready on http://127.0.0.1:" in out and "SIGTERM" in out
+
+
+def test_vllm_sleep_refuses_completions_and_wakes(fake: Callable[..., Fake], tmp_path: Path) -> None:
+    f = fake("--model-id", "v", "--vram-gb", "40", "--gpu", "1", "--gpu-memory-dir", str(tmp_path))
+    mem = tmp_path / f"{f.proc.pid}.json"
+    assert json.loads(mem.read_text()) == {"pid": f.proc.pid, "gpu": 1, "model_id": "v", "sleeping": False,
+                                           "used_bytes": 40 * 2**30}
+    assert httpx.get(f.url + "/is_sleeping").json() == {"is_sleeping": False}
+    r = httpx.post(f.url + "/sleep?level=1")
+    assert (r.status_code, r.content) == (200, b"")  # vLLM answers an empty 200
+    assert httpx.get(f.url + "/is_sleeping").json() == {"is_sleeping": True}
+    assert json.loads(mem.read_text())["used_bytes"] == 0
+    assert httpx.get(f.url + "/health").status_code == 200  # vLLM's /health does not tell a sleeper
+    for path, body in (("/v1/chat/completions", chat_body("m")), ("/v1/embeddings", {"model": "m", "input": "x"})):
+        r = httpx.post(f.url + path, json=body)
+        assert r.status_code == 503
+        assert r.json()["error"]["message"] == "Engine is sleeping. Call /wake_up to resume."
+    state = httpx.get(f.url + "/fake/state").json()
+    assert (state["sleeping"], state["level"], state["gpu_memory_gb"], state["refused_while_asleep"]) == (True, 1, 0, 2)
+    assert httpx.post(f.url + "/sleep?level=1").status_code == 200  # asleep already: a no-op
+    assert httpx.post(f.url + "/wake_up").status_code == 200
+    assert httpx.get(f.url + "/is_sleeping").json() == {"is_sleeping": False}
+    assert httpx.post(f.url + "/v1/chat/completions", json=chat_body("m")).status_code == 200
+    state = httpx.get(f.url + "/fake/state").json()
+    assert (state["sleeps"], state["wakes"], state["gpu_memory_gb"]) == (1, 1, 40)
+    assert httpx.get(f.url + "/sleep").status_code == 405
+    f.proc.terminate()
+    f.proc.wait(10)
+    assert not mem.exists()  # removed at exit
+
+
+def test_sglang_release_and_resume(fake: Callable[..., Fake]) -> None:
+    f = fake("--model-id", "s")
+    r = httpx.post(f.url + "/release_memory_occupation", json={})
+    assert r.status_code == 200 and r.json()["success"] is True
+    assert httpx.post(f.url + "/v1/completions", json={"model": "m", "prompt": "p"}).status_code == 503
+    assert httpx.post(f.url + "/resume_memory_occupation", json={}).status_code == 200
+    assert httpx.post(f.url + "/v1/completions", json={"model": "m", "prompt": "p"}).status_code == 200
+
+
+def test_sleep_and_wake_take_their_time(fake: Callable[..., Fake]) -> None:
+    f = fake("--sleep-time", "0.2", "--wake-time", "0.4")
+    t0 = time.monotonic()
+    httpx.post(f.url + "/sleep?level=1")
+    took_sleep = time.monotonic() - t0
+    t0 = time.monotonic()
+    httpx.post(f.url + "/wake_up")
+    took_wake = time.monotonic() - t0
+    state = httpx.get(f.url + "/fake/state").json()
+    assert took_sleep >= 0.2 and took_wake >= 0.4
+    assert 0.2 <= state["last_sleep_seconds"] <= took_sleep and 0.4 <= state["last_wake_seconds"] <= took_wake
+
+
+def test_a_failed_wake_leaves_it_asleep(fake: Callable[..., Fake], tmp_path: Path) -> None:
+    flag = tmp_path / "fail"
+    flag.touch()
+    f = fake("--fail-wake-if", str(flag))
+    httpx.post(f.url + "/sleep?level=1")
+    r = httpx.post(f.url + "/wake_up")
+    assert r.status_code == 500 and "out of memory" in r.json()["error"]["message"]
+    assert httpx.get(f.url + "/is_sleeping").json() == {"is_sleeping": True}
+    r = httpx.post(f.url + "/resume_memory_occupation", json={})
+    assert r.status_code == 400 and r.json()["success"] is False
+    flag.unlink()
+    assert httpx.post(f.url + "/wake_up").status_code == 200
+    assert httpx.get(f.url + "/fake/state").json()["failed_wakes"] == 2
+    g = fake("--fail-wake")
+    httpx.post(g.url + "/release_memory_occupation", json={})
+    assert httpx.post(g.url + "/resume_memory_occupation", json={}).status_code == 400
+
+
+def test_no_sleep_endpoints(fake: Callable[..., Fake]) -> None:
+    f = fake("--no-sleep")
+    assert httpx.post(f.url + "/sleep?level=1").status_code == 404
+    assert httpx.get(f.url + "/is_sleeping").status_code == 404
+
+
+def test_startup_seconds(fake: Callable[..., Fake]) -> None:
+    state = httpx.get(fake().url + "/fake/state").json()
+    assert 0 < state["startup_seconds"] < 20 and state["load_seconds"] == 0

@@ -277,6 +277,14 @@ def test_render_config_choices(tmp_path: Path) -> None:
         installer.render_config(tdir, backends="nope")
 
 
+def test_backend_units_include_each_engines_template() -> None:
+    shipped = {f.name for f in (REPO / "units").glob("*.service")}
+    assert {"llamacpp@.service", "vllm@.service", "sglang@.service", "tabbyapi@.service"} <= shipped
+    assert installer.backend_unit_files(["llamacpp.service", "vllm@.service", "tabbyapi.service", "own.service"],
+                                        shipped) == ["llamacpp.service", "llamacpp@.service", "vllm@.service",
+                                                     "tabbyapi.service", "tabbyapi@.service"]
+
+
 def test_router_unit_rendering() -> None:
     template = (REPO / "units" / "llm-router.service").read_text()
     system = installer.render_router_unit(template, mode="system", venv="/opt/x y/venv", config_dir="/etc/llm-router",
@@ -425,6 +433,7 @@ def test_user_install_is_active_and_answers(installed: UserInstall) -> None:
     assert f"ExecStart={DEV_VENV}/bin/llm-router serve --config-dir {installed.config_dir}" in unit
     assert "\nProtectSystem=strict" in unit and "\nReadWritePaths=" in unit  # hardened: root manager
     assert (installed.unit_dir / "llamacpp.service").exists()
+    assert (installed.unit_dir / "llamacpp@.service").exists()  # the engine's template, installed, not started
     # the CLI from the venv talks to it
     cli = subprocess.run([str(DEV_VENV / "bin" / "llm-router"), "models", "--url", installed.url],
                          capture_output=True, text=True, timeout=30)
@@ -510,13 +519,21 @@ def test_rerun_is_idempotent_and_keeps_user_edits(installed: UserInstall) -> Non
 @pytest.mark.timeout(240)
 def test_uninstall_then_purge_leaves_nothing_behind(installed: UserInstall) -> None:
     sbx = installed.sbx
+    # a running instance of the installed template, from a router drop-in: uninstall stops it too
+    instance = "llamacpp@tmpl.service"
+    (installed.unit_dir / f"{instance}.d").mkdir()
+    (installed.unit_dir / f"{instance}.d" / "50-llm-router.conf").write_text(
+        "[Service]\nExecStart=\nExecStart=" + " ".join(fake_argv(free_port(), "tmpl")) + "\n")
+    sbx.daemon_reload()
+    sbx.start_unit(instance)
     p = run_install(installed.argv("--user", "--uninstall"), name="install-user-uninstall.txt")
     assert "uninstalled" in p.stdout
     assert port_closed(installed.port)
-    for unit in ("llm-router.service", "llamacpp.service"):
+    for unit in ("llm-router.service", "llamacpp.service", instance):
         st = sbx.unit_state(unit)
         assert st.get("LoadState") == "not-found" and st.get("ActiveState") == "inactive", (unit, st)
     assert not (installed.unit_dir / "llamacpp.service.d").exists()  # the router's drop-in is gone
+    assert not (installed.unit_dir / f"{instance}.d").exists()
     # config kept (and the history: systemd 252 puts a user unit's StateDirectory= in $XDG_CONFIG_HOME)
     kept = sorted(f for f in os.listdir(installed.config_dir) if not f.startswith("history.sqlite3"))
     assert kept == ["config.yml", "models.yml"]

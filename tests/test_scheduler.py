@@ -234,7 +234,7 @@ def test_a_load_nobody_waits_for_is_cut_short_when_another_model_is_asked_for(sc
     assert rec.take("abort") == [None] and s.switch is not None and s.switch.aborting
     late = request(s, "a")  # a request for a while the load is being cut short queues for a new load
     assert s.switch.waiters == []
-    switch_done(s, LoadFailure("a", "one.service", "abandoned"), set())
+    switch_done(s, LoadFailure("a", "one.service", "abandoned", code="model_load_abandoned", cooldown=False), set())
     assert rec.take("fail") == [] and rec.take("switch") == ["a", "b"]
     switch_done(s, None, {"one.service"})
     assert rec.take("switch") == ["a", "b"]  # b is serving: a waits for it to finish

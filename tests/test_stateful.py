@@ -41,7 +41,8 @@ from sandbox import print_figures
 
 from router import executor as executor_module
 from router import switcher as switcher_module
-from router.config import Backend, Config, Model, SwitchSettings, SystemdSettings
+from router.config import SLEEP_KINDS, Backend, Config, Gpu, Model, Residency, SwitchSettings, SystemdSettings
+from router.residency import Room, make_room
 from router.scheduler import LoadFailure, Ticket
 from router.switcher import Failed, Granted, Status
 
@@ -67,6 +68,11 @@ ALL_MODELS = ("a", "b", "c", "d")  # a, b share unit one.service (drop-ins); c o
 MODEL_BACKEND = {"a": "one", "b": "one", "c": "two", "d": "solo"}
 ALL_UNITS = ("one.service", "two.service", "solo.service", "d.service")
 RESPONSE_HOLDS = (0.0, 0.05, 1.0, 5.0, 30.0)
+# The resident-set variant (ResidentSetMachine): one GPU of 80 GB; c is persistent; a and b (one unit) sleep
+GPU_BUDGET = 80.0
+SIZES = {"a": 40.0, "b": 40.0, "c": 30.0, "d": 20.0}
+HOST_RAM = 50.0  # room for one sleeper
+PERSISTENT = "c"
 
 
 # --- the one place that knows the switcher's constructor and internals --------------------------------
@@ -83,6 +89,7 @@ class Harness:
     switch_starts: list[tuple[float, str | None]] = field(default_factory=list)
     switch_ends: int = 0
     undo: list[Callable[[], None]] = field(default_factory=list)
+    plans: list[tuple[dict[str, int], dict[str, str], Any]] = field(default_factory=list)  # serving, resident, plan
 
     @property
     def scheduler(self) -> Any:
@@ -112,10 +119,48 @@ class Harness:
         self.undo.clear()
 
 
-def make_switcher(config: Config, systemd: FakeSystemd, probe: FakeProbe, loop: VirtualTimeLoop) -> Harness:
+class FakeSleeper:
+    """vLLM's sleep protocol on the fake engines: an engine (by identity) is asleep or not; scripted failures."""
+
+    def __init__(self, systemd: FakeSystemd) -> None:
+        self.systemd = systemd
+        self.asleep: set[int] = set()  # id() of the sleeping Engine objects (a restart makes a new one)
+        self.failures: list[str] = []  # "enter" / "leave": the next such call fails
+
+    def _engine(self, url: str) -> Any:
+        engines = self.systemd.engine_at(url)
+        if not engines:
+            raise RuntimeError(f"nothing listens at {url}")
+        return engines[0]
+
+    async def enter(self, url: str, spec: Any, timeout: float) -> None:
+        await asyncio.sleep(0)
+        if "enter" in self.failures:
+            self.failures.remove("enter")
+            raise RuntimeError("POST /sleep answered 500: CUDA error")
+        self.asleep.add(id(self._engine(url)))
+        STATS["sleeps"] += 1
+
+    async def leave(self, url: str, spec: Any, timeout: float) -> None:
+        await asyncio.sleep(0)
+        if "leave" in self.failures:
+            self.failures.remove("leave")
+            raise RuntimeError("POST /wake_up answered 500: out of memory")
+        self.asleep.discard(id(self._engine(url)))
+        STATS["wakes"] += 1
+
+    async def is_sleeping(self, url: str, spec: Any, timeout: float) -> bool | None:
+        await asyncio.sleep(0)
+        return id(self._engine(url)) in self.asleep
+
+
+def make_switcher(config: Config, systemd: FakeSystemd, probe: FakeProbe, loop: VirtualTimeLoop,
+                  sleeper: FakeSleeper | None = None) -> Harness:
     """Build the Switcher under test on the fakes and the virtual clock, and hook the observers."""
     params = inspect.signature(switcher_module.Switcher).parameters
     kwargs: dict[str, Any] = {"probe": probe} if "probe" in params else {"http": ProbeAsHttp(probe)}
+    if sleeper is not None:
+        kwargs["sleeper"] = sleeper
     undo: list[Callable[[], None]] = []
 
     def patch(obj: Any, name: str, value: Any) -> None:
@@ -154,9 +199,10 @@ def make_switcher(config: Config, systemd: FakeSystemd, probe: FakeProbe, loop: 
             h.failures[ticket.id] = error
             effects.fail(ticket, error)
 
-        def start_switch(self, plan: Any) -> None:
-            h.switch_starts.append((loop.time(), plan.target))
-            effects.start_switch(plan)
+        def start_switch(self, switch: Any) -> None:
+            h.switch_starts.append((loop.time(), switch.target))
+            h.plans.append((dict(sched.serving), {m: r.state for m, r in sched.resident.items()}, switch.plan))
+            effects.start_switch(switch)
 
     sched.effects = Recording()
     on_switch_done = sched.on_switch_done
@@ -195,23 +241,30 @@ class Variant:
         return dict(self.versions).get(model, 0)
 
 
-def make_config(dropin_dir: Path, v: Variant) -> Config:
+def make_config(dropin_dir: Path, v: Variant, residency: bool = False) -> Config:
     backends = {}
     for name, (unit, url) in BACKENDS.items():
         if name == "two" and v.two_removed:
             continue
-        backends[name] = Backend(name, unit, MOVED_TWO if name == "two" and v.two_moved else url)
+        sleep = SLEEP_KINDS["vllm"] if residency and name == "one" else None
+        backends[name] = Backend(name, unit, MOVED_TWO if name == "two" and v.two_moved else url, sleep=sleep)
     models = {}
     for mid in sorted(v.models):
         if MODEL_BACKEND[mid] not in backends:
             continue
+        extra: dict[str, Any] = {"vram_gb": SIZES[mid], "persistent": mid == PERSISTENT} if residency else {}
         if mid == "d":
-            models[mid] = Model(mid, "solo", unit="d.service")
+            models[mid] = Model(mid, "solo", unit="d.service", **extra)
         else:
             models[mid] = Model(mid, MODEL_BACKEND[mid], command=("/opt/engine", "--model", mid,
-                                                                  f"--v{v.version(mid)}", "--tag", "50% $HOME"))
+                                                                  f"--v{v.version(mid)}", "--tag", "50% $HOME"),
+                                **extra)
+    if not residency:
+        return Config(config_dir=dropin_dir, systemd=SystemdSettings(bus="user", dropin_dir=dropin_dir),
+                      switch=SETTINGS, backends=backends, models=models)
     return Config(config_dir=dropin_dir, systemd=SystemdSettings(bus="user", dropin_dir=dropin_dir),
-                  switch=SETTINGS, backends=backends, models=models)
+                  switch=SETTINGS, backends=backends, models=models, gpus=(Gpu(0, GPU_BUDGET),),
+                  residency=Residency(host_ram_gb=HOST_RAM))
 
 
 # --- clients ------------------------------------------------------------------------------------------
@@ -228,6 +281,7 @@ class Client:
     ticket: Ticket
     config_models: frozenset[str]  # the models configured when it arrived
     active_at_arrival: str | None = None
+    loaded_at_arrival: frozenset[str] = frozenset()  # models loaded (not asleep) when it arrived
     ended_at: float | None = None
     removed_while_waiting: bool = False  # a reload removed its model before it got an answer
     task: asyncio.Task[None] | None = None
@@ -251,6 +305,7 @@ FIRST: dict[str, str] = {}  # the first message of each pending violation
 
 class SwitcherMachine(RuleBasedStateMachine):
     enforce: str | None = None  # a pending check the replays below enforce
+    residency = False  # ResidentSetMachine: several models by memory, a persistent one, sleeping engines
 
     def __init__(self) -> None:
         super().__init__()
@@ -261,13 +316,14 @@ class SwitcherMachine(RuleBasedStateMachine):
         self.loop_errors: list[str] = []
         self.tmp = Path(tempfile.mkdtemp(prefix="llmr-stateful-"))
         self.variant = Variant()
-        self.config = make_config(self.tmp, self.variant)
+        self.config = make_config(self.tmp, self.variant, self.residency)
         self.delays: dict[str, float] = {}
         self.fake = FakeSystemd(self.tmp, self._url_of_unit, self._ready_in)
         self.probe = FakeProbe(self.fake)
+        self.sleeper = FakeSleeper(self.fake) if self.residency else None
         self._logs = capture_logs_with_tracebacks()
         self.logs = self._logs.__enter__()
-        self.h = make_switcher(self.config, self.fake, self.probe, self.loop)
+        self.h = make_switcher(self.config, self.fake, self.probe, self.loop, self.sleeper)
         self.sw = self.h.switcher
         self.clients: list[Client] = []
         self.arrivals_due = 0  # burst arrivals scheduled on the loop, not yet arrived
@@ -356,10 +412,13 @@ class SwitcherMachine(RuleBasedStateMachine):
         expected = f"unit:{model.unit}" if model.unit else model.id
         if model.id != c.model:
             self.wrong_model.append(f"client {c.n} asked for {c.model} and was granted {model.id}")
-        for engine in self.fake.engine_at(granted.backend.url):
+        url = granted.url or granted.backend.url
+        for engine in self.fake.engine_at(url):
             if engine.model != expected:
-                self.wrong_model.append(f"client {c.n} granted {model.id} at {granted.backend.url}, but unit "
+                self.wrong_model.append(f"client {c.n} granted {model.id} at {url}, but unit "
                                         f"{engine.unit} there runs {engine.model}")
+            if self.sleeper is not None and id(engine) in self.sleeper.asleep:
+                self.wrong_model.append(f"client {c.n} granted {model.id} at {url}, but its engine sleeps")
 
     # --- rules --------------------------------------------------------------------------------
 
@@ -372,6 +431,7 @@ class SwitcherMachine(RuleBasedStateMachine):
         c = Client(len(self.clients), model, priority, hold, stream, self.now(), ticket,
                    frozenset(self.config.models))
         c.active_at_arrival = self.h.scheduler.active
+        c.loaded_at_arrival = frozenset(self.h.scheduler.loaded())
         c.task = self.loop.create_task(self._client(c), name=f"client-{c.n}")
         self.clients.append(c)
         self.settle()
@@ -393,6 +453,7 @@ class SwitcherMachine(RuleBasedStateMachine):
         c = Client(len(self.clients), model, priority, hold, stream, self.now(), ticket,
                    frozenset(self.config.models))
         c.active_at_arrival = self.h.scheduler.active
+        c.loaded_at_arrival = frozenset(self.h.scheduler.loaded())
         c.task = self.loop.create_task(self._client(c), name=f"client-{c.n}")
         self.clients.append(c)
 
@@ -461,7 +522,7 @@ class SwitcherMachine(RuleBasedStateMachine):
         self.variant = Variant(frozenset(models), tuple(sorted(versions.items())), move_two,
                                drop_two and "c" not in models)
         old = self.config
-        self.config = make_config(self.tmp, self.variant)
+        self.config = make_config(self.tmp, self.variant, self.residency)
         for c in self.clients:
             if c.outcome is None and not c.finished and c.model is not None and c.model not in self.config.models:
                 c.removed_while_waiting = True
@@ -554,13 +615,68 @@ class SwitcherMachine(RuleBasedStateMachine):
             if now - c.submitted <= SETTINGS.max_wait:
                 continue
             cutoff = c.submitted + SETTINGS.max_wait
+            victims = self._victims_of(c.model)
             jumped = [o for o in self.clients
                       if o.model is not None and o.model != c.model and o.priority <= c.priority
                       and o.submitted > cutoff and isinstance(o.outcome, Granted)
-                      and not o.ticket.told_switching]
+                      and not o.ticket.told_switching and (victims is None or o.model in victims)]
             self.check("max_wait", not jumped,
                        f"client {c.n} ({c.model}) waits since {c.submitted:.2f}; client {jumped[0].n if jumped else 0}"
                        f" ({jumped[0].model if jumped else ''}) arrived after max_wait and was served first")
+
+    def _victims_of(self, model: str) -> set[str] | None:
+        """The models loading `model` would evict now (None: every model, as without residency)."""
+        if not self.residency:
+            return None
+        s = self.h.scheduler
+        if model not in self.config.models:
+            return set()
+        room = make_room(s.view(), model)
+        return set(room.evicts) if isinstance(room, Room) else set()
+
+    @invariant()
+    def resident_models_fit_the_budget(self) -> None:
+        """The loaded models, as the scheduler holds them and as the engines really run, fit the GPU."""
+        if not self.residency:
+            return
+        s = self.h.scheduler
+        loaded = [m for m in s.loaded() if m in self.config.models]
+        held = sum(self.config.models[m].vram_gb or GPU_BUDGET for m in loaded)
+        STATS["most loaded at once"] = max(STATS["most loaded at once"], len(loaded))
+        assert held <= GPU_BUDGET, f"resident {loaded} need {held} GB > {GPU_BUDGET} GB"
+        awake = []
+        for name, unit in self.fake.units.items():
+            engine = self.fake.engines.get(name)
+            if (not unit.by_router or unit.active_state not in ("active", "activating", "deactivating")
+                    or engine is None or (self.sleeper is not None and id(engine) in self.sleeper.asleep)):
+                continue
+            model = "d" if unit.running_model == "unit:d.service" else unit.running_model
+            awake.append(model)
+        used = sum(SIZES.get(m or "", GPU_BUDGET) for m in awake)
+        assert used <= GPU_BUDGET, f"engines the router started run {awake}: {used} GB > {GPU_BUDGET} GB"
+
+    @invariant()
+    def plans_spare_busy_and_persistent_models(self) -> None:
+        """No plan stops or sleeps a model with responses in flight; none evicts a loaded persistent model
+        to make room (only an unload or a ttl may)."""
+        for serving, resident, plan in self.h.plans:
+            for m, n in serving.items():
+                if n <= 0 or m not in self.config.models:
+                    continue
+                unit = self.config.unit_of(self.config.models[m])
+                assert unit not in plan.stop and m not in plan.sleep, (
+                    f"plan {plan.reason} for {plan.target} stops/sleeps {m}, which had {n} responses in flight")
+            if self.residency and resident.get(PERSISTENT) == "loaded" and plan.reason not in ("unload", "ttl"):
+                assert PERSISTENT not in plan.evicts, f"plan for {plan.target} evicts the persistent {PERSISTENT}"
+        self.h.plans.clear()
+
+    @rule(which=st.sampled_from(["enter", "leave"]))
+    def sleep_fault(self, which: str) -> None:
+        """The engine's next sleep or wake call fails (the router stops, or restarts, it instead)."""
+        if self.sleeper is not None:
+            self.disturbed_at = self.now()
+            self.sleeper.failures.append(which)
+        self.settle()
 
     @invariant()
     def waiter_gets_its_switch_in_time(self) -> None:
@@ -606,7 +722,7 @@ class SwitcherMachine(RuleBasedStateMachine):
         """A request needing a switch while the bus is down fails within a second, saying why."""
         for c in self.clients:
             down = [(n, b) for n, b in self.outages if n <= c.n and c.submitted < b]
-            if not down or c.model is None or c.active_at_arrival == c.model or c.model not in c.config_models:
+            if not down or c.model is None or c.model in c.loaded_at_arrival or c.model not in c.config_models:
                 continue  # (an unconfigured model fails with model_not_found, bus or no bus)
             if c.outcome is None and self.now() < min(down[0][1], c.submitted + 1.0):
                 continue  # still inside its second
@@ -631,7 +747,7 @@ class SwitcherMachine(RuleBasedStateMachine):
             if c.model is None or c.outcome is None:
                 continue
             before = [(t, ok) for t, m, ok in events if m == c.model and t < c.submitted]
-            if not before or before[-1][1] or c.active_at_arrival == c.model:
+            if not before or before[-1][1] or c.model in c.loaded_at_arrival:
                 continue  # never failed, or loaded fine since
             since = before[-1][0]
             if c.submitted < since + SETTINGS.failure_cooldown and \
@@ -729,6 +845,19 @@ SwitcherMachine.TestCase.settings = settings(
     max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 TestSwitcherStateful = SwitcherMachine.TestCase
+
+
+class ResidentSetMachine(SwitcherMachine):
+    """The same machine on a resident set: an 80 GB GPU, sizes per model, a persistent model, engines
+    that sleep (vLLM's protocol on the fake engines) within a host RAM budget."""
+
+    residency = True
+
+
+ResidentSetMachine.TestCase.settings = settings(
+    max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+TestResidentSetStateful = ResidentSetMachine.TestCase
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -295,9 +295,9 @@ def test_models_list_answers_during_a_switch(sandbox: Sandbox, units: Units, rou
         seen_loading = 0
         while t.is_alive() and rt.status()["switch"] is not None:
             t0 = time.monotonic()
-            r = httpx.get(rt.url + "/v1/models", timeout=2)
+            r = httpx.get(rt.url + "/v1/models", timeout=3)
             took = time.monotonic() - t0
-            assert r.status_code == 200 and took < 0.5, took
+            assert r.status_code == 200 and took < 2.0, took  # not held up by the 2.5 s load
             states = {m["id"]: m["state"] for m in r.json()["data"]}
             if states["m-a"] == "loading":
                 seen_loading += 1
