@@ -161,8 +161,9 @@ class ApiRoutes:
             except UnicodeDecodeError:
                 raise _bad(_PLAIN, 400, "The form field `model` is not UTF-8.", "invalid_field", "model") from None
             _, model = self._model(name_value, _PLAIN)
-            if model.upstream_model and field is not None:
-                raw = multipart.replace_field(raw, field, model.upstream_model.encode("utf-8"))
+            engine_name = _engine_name(model, name_value)
+            if engine_name is not None and field is not None:
+                raw = multipart.replace_field(raw, field, engine_name.encode("utf-8"))
             stream = "stream" in fields and fields["stream"].value.strip().lower() == b"true"
             return await self._relay(request, request.url.path, model, raw, stream, _PLAIN)
         except _Refused as refused:
@@ -230,11 +231,13 @@ class ApiRoutes:
     @staticmethod
     def _engine_body(raw: bytes, body: dict[str, Any], model: Model, changed: bool) -> bytes:
         """What goes to the engine (`body` is changed in place): the client's bytes, unless the model has
-        params, is renamed, or the caller `changed` the body. Params first, then the name, as for chat."""
+        params, another name at the engine (`upstream_model`, or its id when asked for by an alias), or
+        the caller `changed` the body. Params first, then the name, as for chat."""
         if has_params(model):
             changed = apply_params(body, model) or changed
-        if model.upstream_model:
-            body["model"], changed = model.upstream_model, True
+        engine_name = _engine_name(model, body.get("model"))
+        if engine_name is not None:
+            body["model"], changed = engine_name, True
         return encode_json(body) if changed else raw
 
     async def _relay(self, request: Request, path: str, model: Model, body: bytes, stream: bool, shape: WaitShape,
@@ -255,6 +258,13 @@ class ApiRoutes:
         except BaseException:
             self.switcher.done(call.ticket)
             raise
+
+
+def _engine_name(model: Model, asked: Any) -> str | None:
+    """The model's name at the engine when it is not what the request says (None: leave it)."""
+    if model.upstream_model:
+        return model.upstream_model
+    return model.id if asked != model.id else None  # asked for by an alias
 
 
 class _AnthropicErrors(PlainShape):

@@ -360,7 +360,7 @@ async def test_claude_codes_recorded_request_goes_through_with_the_routers_think
         [sent] = r.bodies("/v1/messages")
         assistant = [m for m in sent["messages"] if m["role"] == "assistant"]
         assert [b["type"] for m in assistant for b in m["content"]] == ["tool_use"]  # the router's block is gone
-        expected = dict(recorded["body"])
+        expected = {**recorded["body"], "model": "m"}  # the alias becomes the id the engine knows
         expected["messages"] = [m if m["role"] != "assistant" else
                                 {**m, "content": [b for b in m["content"] if b.get("signature") != ROUTER_SIGNATURE]}
                                 for m in history]
@@ -377,7 +377,7 @@ async def test_the_anthropic_sdks_recorded_requests_stream_and_count(tmp_path: P
         resp = await r.client.post(stream["path"], content=raw, headers=stream["headers"])
         message = accumulate_message(parse_sse(resp.text))
         assert [b["type"] for b in message["content"]] == ["thinking", "thinking", "text"]
-        assert r.raw("/v1/messages") == raw  # untouched bytes
+        assert json.loads(r.raw("/v1/messages")) == {**stream["body"], "model": "m"}  # the alias: the id
         r.switcher.script = []
         counted = await r.client.post(count["path"], json=count["body"], headers=count["headers"])
         assert counted.status_code == 200 and counted.json() == {"input_tokens": 3}
@@ -424,7 +424,7 @@ async def test_codexs_recorded_request_streams_the_engines_response_after_keepal
         assert [d["sequence_number"] for d in (e.data for e in events.named)] == list(range(len(events.named)))
         text = "".join(d["delta"] for d in events.of("response.output_text.delta"))
         assert text == "I am m. token1 token2 token3"
-        assert r.raw("/v1/responses") == raw
+        assert json.loads(r.raw("/v1/responses")) == {**recorded["body"], "model": "m"}
         await r.released()
         assert r.switcher.ended[0].prompt_tokens is not None and r.switcher.ended[0].completion_tokens == 4
 
@@ -498,7 +498,8 @@ async def test_a_transcription_is_routed_by_its_form_field_and_forwarded_as_sent
         resp = await r.client.post("/v1/audio/transcriptions", content=body, headers=headers)  # model after the file
         assert resp.status_code == 200, resp.text
         assert resp.json()["text"] == f"I am m. I heard {len(audio) + 10} bytes."
-        assert r.raw("/v1/audio/transcriptions") == body and r.switcher.submitted == ["m"]
+        sent = r.raw("/v1/audio/transcriptions")  # the same bytes, the alias replaced by the id in its field
+        assert sent == body.replace(b"whisper-1", b"m") and r.switcher.submitted == ["m"]
         r.switcher.script = []
         body, headers = form([("model", b"w", None), ("file", audio, "a.wav"), ("stream", b"false", None)])
         resp = await r.client.post("/v1/audio/transcriptions", content=body, headers=headers)
