@@ -18,10 +18,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from router import gpu
+from router.apiroutes import ApiRoutes
 from router.chunks import error_body, strip_history
 from router.config import Config
 from router.modelsapi import ModelsApi
 from router.observability import Observability
+from router.params import apply_params, has_params
 from router.proxy import Call, Relay, upstream_headers
 from router.requestbody import BadBody, ClientLeft, check_stream, parse_body, read_body
 from router.scheduler import PRIORITIES
@@ -56,6 +58,16 @@ def _bearer(header: str | None) -> bytes | None:
     return token.encode("latin-1")  # starlette decodes header bytes as latin-1: this gives them back
 
 
+def _tokens(request: Request) -> list[bytes]:
+    """The keys a request carries: `Authorization: Bearer KEY` and Anthropic clients' `x-api-key: KEY`."""
+    tokens = []
+    if (bearer := _bearer(request.headers.get("authorization"))) is not None:
+        tokens.append(bearer)
+    if key := request.headers.get("x-api-key", "").strip():
+        tokens.append(key.encode("latin-1"))
+    return tokens
+
+
 class Api:
     """The request handlers; every state question goes to the switcher."""
 
@@ -80,17 +92,17 @@ class Api:
         allowed = self._allowed(admin)
         if not allowed:
             return True
-        token = _bearer(request.headers.get("authorization"))
-        if token is None:
-            return False
-        given = hashlib.sha256(token).digest()
         match = False
-        for digest in allowed:  # equal-length digests, every key compared: no timing hint at which one
-            match |= hmac.compare_digest(digest, given)
+        for token in _tokens(request):
+            given = hashlib.sha256(token).digest()
+            for digest in allowed:  # equal-length digests, every key compared: no timing hint at which one
+                match |= hmac.compare_digest(digest, given)
         return match
 
-    def guarded(self, handler: Handler, admin: bool = False) -> Handler:
-        """`handler` behind the API keys; admin: behind admin_api_keys when those are set."""
+    def guarded(self, handler: Handler, admin: bool = False,
+                unauthorized: Callable[[str], Response] | None = None) -> Handler:
+        """`handler` behind the API keys; admin: behind admin_api_keys when those are set; `unauthorized`
+        writes the 401 in the endpoint's own error shape (default: OpenAI's)."""
 
         async def wrapper(request: Request) -> Response:
             if not self._authorized(request, admin):
@@ -98,8 +110,11 @@ class Api:
                     which = f"one of the admin_api_keys from config.yml (client keys do not open {request.url.path})"
                 else:
                     which = "one of the API keys (api_key or api_keys in config.yml, or $LLM_ROUTER_API_KEYS_FILE)"
-                return JSONResponse(error_body(f"Missing or wrong API key: send `Authorization: Bearer <key>` "
-                                               f"with {which}.", "invalid_api_key"), status_code=401)
+                message = (f"Missing or wrong API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`) "
+                           f"with {which}.")
+                if unauthorized is not None:
+                    return unauthorized(message)
+                return JSONResponse(error_body(message, "invalid_api_key"), status_code=401)
             return await handler(request)
 
         return wrapper
@@ -145,17 +160,18 @@ class Api:
             return JSONResponse(error_body(f"The model `{model_id}` does not exist. Known models: {known}. "
                                            "Add it to models.yml to use it.", "model_not_found",
                                            "invalid_request_error", "model"), status_code=404)
+        changed, splice = has_params(model) and apply_params(body, model), False  # models.yml params: set/strip
         stream = bool(body.get("stream")) and required != "input"
         options = body.get("stream_options")
         client_usage = stream and isinstance(options, dict) and bool(options.get("include_usage"))
-        changed, splice = False, False
         if model.upstream_model:
             body["model"], changed = model.upstream_model, True
         elif model_id != model.id:
             body["model"], changed = model.id, True  # asked for by an alias
         if required == "messages" and (config.switch.status_channel == "content" or config.stats):
             changed = strip_history(body["messages"]) or changed
-        if stream and config.stats and not client_usage and required == "messages":
+        if stream and config.stats and not client_usage and required == "messages" \
+                and "stream_options" not in model.params_strip:
             splice = "stream_options" not in body  # nothing to merge with: the option goes in front of the bytes
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
             changed = changed or not splice
@@ -368,6 +384,7 @@ def create_app(switcher: Switcher, upstream: Upstream, observability: Observabil
         Route("/admin/unload", g(api.admin_unload, admin=True), methods=["POST"]),
         Route("/admin/sleep", g(api.admin_sleep, admin=True), methods=["POST"]),
     ] + (observability.routes(g) if observability else [])  # /metrics, /events, /logs/{model}, /history
+    routes += ApiRoutes(switcher, upstream).routes(g)  # /v1/messages, /v1/responses, rerank, audio, images, /upstream
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _internal_error})
 
 
@@ -382,8 +399,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         message = (f"No such endpoint: {request.url.path}. The router serves /v1/models, /v1/chat/completions, "
-                   "/v1/completions, /v1/embeddings, /health, /status, /models, /models/{load,unload,sse} "
-                   "and /admin/{load,unload}.")
+                   "/v1/completions, /v1/embeddings, /v1/messages, /v1/responses, /v1/rerank, /v1/audio/*, "
+                   "/v1/images/generations, /upstream/MODEL/PATH, /health, /status, /models, "
+                   "/models/{load,unload,sse} and /admin/{load,unload,sleep}.")
     elif exc.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}."
     else:

@@ -156,6 +156,7 @@ def upstream_headers(request: Request, drop_auth: bool) -> dict[str, str]:
     headers = {k: v for k, v in request.headers.items() if k not in _HOP}
     if drop_auth:
         headers.pop("authorization", None)
+        headers.pop("x-api-key", None)  # Anthropic clients' key header
     headers["accept-encoding"] = "identity"  # the bytes relayed are then the text itself
     headers.setdefault("content-type", "application/json")
     return headers

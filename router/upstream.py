@@ -114,14 +114,19 @@ class Upstream:
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str], timeouts: Timeouts) -> UpstreamResponse:
         """Send one request; return once the engine's response headers are in."""
+        return await self.request("POST", url, body, headers, timeouts)
+
+    async def request(self, method: str, url: str, body: bytes, headers: Mapping[str, str],
+                      timeouts: Timeouts) -> UpstreamResponse:
+        """Send one request with any method (an empty body is sent as none); return once the headers are in."""
         parsed = self._urls.get(url)
         if parsed is None:
             if len(self._urls) > 256:
                 self._urls.clear()
-            parsed = self._urls[url] = URL(url)
+            parsed = self._urls[url] = URL(url, encoded=True)  # the path and query as the client sent them
         try:
-            resp = await self.session.post(parsed, data=body, headers=headers,
-                                           timeout=_request_timeout(timeouts.connect, timeouts.first_byte))
+            resp = await self.session.request(method, parsed, data=body or None, headers=headers,
+                                              timeout=_request_timeout(timeouts.connect, timeouts.first_byte))
         except aiohttp.ConnectionTimeoutError:
             raise UpstreamTimeout("connect", timeouts.connect) from None
         except asyncio.TimeoutError:

@@ -3,7 +3,10 @@
 
 Standard library only (plus PyYAML for --config), so it starts in a few tens of milliseconds.
 Every answer names the model the process was started with ("I am X. token1 token2 ..."), so a
-test can prove which model answered. Knobs simulate slow loads, engines that never get healthy,
+test can prove which model answered. Besides the OpenAI chat, completions and embeddings it speaks,
+minimally, Anthropic's /v1/messages (and count_tokens), the Responses API, rerank, audio
+transcription and speech, image generation, and two engine extras for /upstream tests: GET /props
+and /echo (any method). Knobs simulate slow loads, engines that never get healthy,
 start-up failures, crashes mid-stream, slow token rates and engines that report no usage.
 
 Sleep mode, as vLLM (POST /sleep?level=1, POST /wake_up, GET /is_sleeping) and SGLang (POST
@@ -35,6 +38,7 @@ import signal
 import sys
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 PROG = "fake_backend"
@@ -240,6 +244,28 @@ class SleepState:
                 "refused_while_asleep": self.refused, "last_sleep_seconds": self.last_sleep_seconds,
                 "last_wake_seconds": self.last_wake_seconds}
 
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+OTHER_PATHS = ("/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/v1/rerank", "/rerank",
+               "/v1/audio/transcriptions", "/v1/audio/speech", "/v1/images/generations")
+
+
+def sse_event(name: str, data: dict[str, Any]) -> bytes:
+    """A named SSE event (Anthropic and the Responses API name every event)."""
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+def form_fields(raw: bytes, content_type: str) -> dict[str, bytes]:
+    """The parts of a multipart/form-data body by name (a test engine: the whole body is in memory)."""
+    boundary = content_type.split("boundary=", 1)[-1].strip('"').encode()
+    out: dict[str, bytes] = {}
+    for part in raw.split(b"--" + boundary)[1:]:
+        if part.startswith(b"--"):
+            break
+        head, _, value = part[2:].partition(b"\r\n\r\n")
+        name = head.split(b'name="', 1)[-1].split(b'"', 1)[0].decode()
+        out.setdefault(name, value[:-2] if value.endswith(b"\r\n") else value)
+    return out
+
 
 class FakeBackend:
     def __init__(self, args: argparse.Namespace, model_id: str) -> None:
@@ -248,6 +274,9 @@ class FakeBackend:
         self.t0 = time.monotonic()
         self.requests = 0
         self.state = SleepState(args, model_id)
+        self.headers: dict[str, str] = {}  # of the request being answered
+        self.query = ""
+        self.received: deque[tuple[str, str, dict[str, str], bytes]] = deque(maxlen=32)  # path, query, headers, body
 
     # --- state -------------------------------------------------------------------------------
     def healthy(self) -> bool:
@@ -283,6 +312,8 @@ class FakeBackend:
                 raw = await self.read_body(reader, headers)
                 keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
                 path, _, query = target.partition("?")
+                self.headers, self.query = headers, query
+                self.received.append((path, query, headers, raw))
                 await self.route(method, path, raw, writer, keep, query)
                 if not keep:
                     return
@@ -308,10 +339,11 @@ class FakeBackend:
         return await reader.readexactly(n) if n else b""
 
     @staticmethod
-    async def send(writer: asyncio.StreamWriter, status: int, obj: Any, keep: bool) -> None:
-        data = json.dumps(obj, ensure_ascii=False).encode()
+    async def send(writer: asyncio.StreamWriter, status: int, obj: Any, keep: bool,
+                   content_type: str = "application/json") -> None:
+        data = obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode()
         head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
-                "Content-Type: application/json\r\n"
+                f"Content-Type: {content_type}\r\n"
                 f"Content-Length: {len(data)}\r\n"
                 f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n")
         writer.write(head.encode() + data)
@@ -325,9 +357,9 @@ class FakeBackend:
         await writer.drain()
 
     @staticmethod
-    async def start_stream(writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
+    async def start_stream(writer: asyncio.StreamWriter, content_type: str = "text/event-stream") -> None:
+        writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nCache-Control: no-cache\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n".encode())
         await writer.drain()
 
     @staticmethod
@@ -365,11 +397,17 @@ class FakeBackend:
             await self.send(writer, 200, {"object": "list", "data": [
                 {"id": self.model_id, "object": "model", "created": 0, "owned_by": PROG}]}, keep)
             return
-        if path not in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        if path in ("/props", "/echo"):
+            await self.extra(method, path, raw, writer, keep)
+            return
+        if path not in OPENAI_PATHS + OTHER_PATHS:
             await self.send(writer, 404, self.error_body(404, f"no route {path}"), keep)
             return
         if method != "POST":
             await self.send(writer, 405, self.error_body(405, "use POST"), keep)
+            return
+        if path == "/v1/audio/transcriptions":
+            await self.transcribe(raw, writer, keep)
             return
         try:
             body = json.loads(raw)
@@ -389,6 +427,9 @@ class FakeBackend:
             return
         if path == "/v1/embeddings":
             await self.embed(writer, body, keep)
+            return
+        if path in OTHER_PATHS:
+            await self.other(path, body, writer, keep)
             return
         chat = path == "/v1/chat/completions"
         if chat and not isinstance(body.get("messages"), list):
@@ -456,6 +497,131 @@ class FakeBackend:
         n = sum(len(str(x).split()) for x in items)
         await self.send(writer, 200, {"object": "list", "data": data, "model": self.model_id,
                                       "usage": {"prompt_tokens": n, "total_tokens": n}}, keep)
+
+    async def extra(self, method: str, path: str, raw: bytes, writer: asyncio.StreamWriter, keep: bool) -> None:
+        """Engine extras for /upstream: GET /props (llama.cpp's), /echo answers any method with what it got."""
+        if path == "/props" and method != "GET":
+            await self.send(writer, 405, self.error_body(405, "use GET"), keep)
+            return
+        await self.send(writer, 200, {"model": self.model_id, "method": method, "path": path, "query": self.query,
+                                      "body_bytes": len(raw), "headers": self.headers}, keep)
+
+    async def other(self, path: str, body: dict[str, Any], writer: asyncio.StreamWriter, keep: bool) -> None:
+        toks = answer_tokens(self.model_id, self.args.tokens)
+        if path == "/v1/messages":
+            await self.messages(writer, body, toks, keep)
+        elif path == "/v1/messages/count_tokens":
+            await self.send(writer, 200, {"input_tokens": prompt_tokens(body)}, keep)
+        elif path == "/v1/responses":
+            await self.responses(writer, body, toks, keep)
+        elif path in ("/v1/rerank", "/rerank"):
+            docs = body.get("documents") or []
+            results = [{"index": i, "relevance_score": 1.0 / (i + 1)} for i in range(len(docs))]
+            await self.send(writer, 200, {"model": self.model_id, "object": "list", "results": results,
+                                          "usage": {"prompt_tokens": len(docs), "total_tokens": len(docs)}}, keep)
+        elif path == "/v1/audio/speech":
+            await self.start_stream(writer, "audio/mpeg")
+            for i in range(3):
+                await self.pace()
+                await self.send_chunk(writer, f"ID3 {self.model_id} audio frame {i}\n".encode())
+            await self.end_stream(writer)
+        else:  # /v1/images/generations
+            await self.send(writer, 200, {"created": int(time.time()), "data": [
+                {"b64_json": "aW1hZ2U=", "revised_prompt": f"I am {self.model_id}."}]}, keep)
+
+    async def transcribe(self, raw: bytes, writer: asyncio.StreamWriter, keep: bool) -> None:
+        fields = form_fields(raw, self.headers.get("content-type", ""))
+        self.record("/v1/audio/transcriptions", {"model": fields.get("model", b"").decode(),
+                                                 "file_bytes": len(fields.get("file", b""))})
+        if "file" not in fields:
+            await self.send(writer, 400, self.error_body(400, "'file' is required"), keep)
+            return
+        await self.send(writer, 200, {"text": f"I am {self.model_id}. I heard {len(fields['file'])} bytes."}, keep)
+
+    async def messages(self, writer: asyncio.StreamWriter, body: dict[str, Any], toks: list[str], keep: bool) -> None:
+        """Anthropic's Messages API as llama.cpp's server writes it: a thinking block first when asked for."""
+        thinking = isinstance(body.get("thinking"), dict) and body["thinking"].get("type") in ("enabled", "adaptive")
+        mid = f"msg_fake_{uuid.uuid4().hex[:12]}"
+        usage = {"input_tokens": prompt_tokens(body), "output_tokens": len(toks)}
+        if not body.get("stream"):
+            content = ([{"type": "thinking", "thinking": "Hmm.", "signature": ""}] if thinking else [])
+            content.append({"type": "text", "text": "".join(toks)})
+            await self.send(writer, 200, {"id": mid, "type": "message", "role": "assistant", "content": content,
+                                          "model": body.get("model"), "stop_reason": "end_turn",
+                                          "stop_sequence": None, "usage": usage}, keep)
+            return
+        await self.start_stream(writer)
+        await self.send_chunk(writer, sse_event("message_start", {"type": "message_start", "message": {
+            "id": mid, "type": "message", "role": "assistant", "content": [], "model": body.get("model"),
+            "stop_reason": None, "stop_sequence": None, "usage": {**usage, "output_tokens": 0}}}))
+        index = 0
+        if thinking:
+            await self.send_chunk(writer, sse_event("content_block_start", {
+                "type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}})
+                + sse_event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                    "delta": {"type": "thinking_delta", "thinking": "Hmm."}})
+                + sse_event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                    "delta": {"type": "signature_delta", "signature": ""}})
+                + sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+            index = 1
+        await self.send_chunk(writer, sse_event("content_block_start", {
+            "type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}}))
+        for i, tok in enumerate(toks):
+            if self.args.crash_mid_stream is not None and i >= self.args.crash_mid_stream:
+                err(f"crashing mid-stream after {i} chunks (--crash-mid-stream)")
+                os._exit(3)
+            await self.pace()
+            await self.send_chunk(writer, sse_event("content_block_delta", {
+                "type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": tok}}))
+        await self.send_chunk(writer, sse_event("content_block_stop", {"type": "content_block_stop", "index": index})
+                              + sse_event("message_delta", {"type": "message_delta", "delta": {
+                                  "stop_reason": "end_turn", "stop_sequence": None},
+                                  "usage": {"output_tokens": len(toks)}})
+                              + sse_event("message_stop", {"type": "message_stop"}))
+        await self.end_stream(writer)
+
+    async def responses(self, writer: asyncio.StreamWriter, body: dict[str, Any], toks: list[str],
+                        keep: bool) -> None:
+        """The Responses API as llama.cpp's server writes it (every event numbered)."""
+        rid, mid = f"resp_fake_{uuid.uuid4().hex[:12]}", f"msg_fake_{uuid.uuid4().hex[:12]}"
+        text = "".join(toks)
+        item = {"id": mid, "type": "message", "role": "assistant", "status": "completed",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        usage = {"input_tokens": prompt_tokens(body), "output_tokens": len(toks),
+                 "total_tokens": prompt_tokens(body) + len(toks)}
+        done = {"id": rid, "object": "response", "created_at": int(time.time()), "status": "completed",
+                "model": body.get("model"), "output": [item], "usage": usage}
+        if not body.get("stream"):
+            await self.send(writer, 200, done, keep)
+            return
+        seq = iter(range(1_000_000))
+        await self.start_stream(writer)
+        started = {**done, "status": "in_progress", "output": []}
+        started.pop("usage")
+        await self.send_chunk(writer, sse_event("response.created", {
+            "type": "response.created", "response": started, "sequence_number": next(seq)}))
+        await self.send_chunk(writer, sse_event("response.output_item.added", {
+            "type": "response.output_item.added", "output_index": 0, "sequence_number": next(seq),
+            "item": {**item, "status": "in_progress", "content": []}})
+            + sse_event("response.content_part.added", {
+                "type": "response.content_part.added", "item_id": mid, "output_index": 0, "content_index": 0,
+                "part": {"type": "output_text", "text": "", "annotations": []}, "sequence_number": next(seq)}))
+        for tok in toks:
+            await self.pace()
+            await self.send_chunk(writer, sse_event("response.output_text.delta", {
+                "type": "response.output_text.delta", "item_id": mid, "output_index": 0, "content_index": 0,
+                "delta": tok, "sequence_number": next(seq)}))
+        await self.send_chunk(writer, sse_event("response.output_text.done", {
+            "type": "response.output_text.done", "item_id": mid, "output_index": 0, "content_index": 0,
+            "text": text, "sequence_number": next(seq)})
+            + sse_event("response.content_part.done", {
+                "type": "response.content_part.done", "item_id": mid, "output_index": 0, "content_index": 0,
+                "part": item["content"][0], "sequence_number": next(seq)})
+            + sse_event("response.output_item.done", {
+                "type": "response.output_item.done", "output_index": 0, "item": item, "sequence_number": next(seq)})
+            + sse_event("response.completed", {"type": "response.completed", "response": done,
+                                               "sequence_number": next(seq)}))
+        await self.end_stream(writer)
 
     async def pace(self) -> None:
         if self.args.token_rate > 0:
