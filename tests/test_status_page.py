@@ -111,10 +111,10 @@ def state_of(model: str) -> str:
     return f"document.querySelector('#models tr[data-model=\"{model}\"] .state')?.dataset.state"
 
 
+@pytest.mark.skipif(chromium_path() is None, reason="no chromium on PATH (Debian: apt-get install chromium; "
+                    "tests/run.sh installs it when run as root)")
 @pytest.mark.timeout(150)
 async def test_the_page_follows_a_switch_in_chromium(units: Any, router: Any, tmp_path: Path) -> None:
-    if chromium_path() is None:
-        pytest.skip("no chromium on PATH (Debian: apt-get install chromium; tests/run.sh installs it as root)")
     per_model: dict[str, dict[str, Any]] = {"m-a": {"name": "Model A", "args": ["--load-delay", "2.2", "--tokens", "12",
                                                                    "--token-rate", "200"]},
                  "m-b": {"name": "<b>B</b> & <img src=x onerror=alert(1)>"},  # shown as text, never as HTML
