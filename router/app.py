@@ -257,9 +257,10 @@ class Api:
         body = parse_body(raw or b"{}") if not isinstance(raw, BadBody) else raw
         if isinstance(body, BadBody):
             return refuse(body)
-        model_id = self.switcher.config.resolve(body.get("model")) if isinstance(body.get("model"), str) else None
+        name = body.get("model")
+        model_id = self.switcher.config.resolve(name) if isinstance(name, str) else None
         if model_id is None:
-            model_id = body.get("model")
+            model_id = name
             known = ", ".join(self.switcher.config.models)
             return JSONResponse(error_body(f"Unknown model `{model_id}`. Known models: {known}.",
                                            "model_not_found", param="model"), status_code=404)

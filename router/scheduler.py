@@ -550,7 +550,7 @@ class Scheduler:
     def _grant_ready(self) -> None:
         """Queued requests whose model is servable now, in queue order."""
         for ticket in [t for t in self.queue if not t.unload and t.model is not None]:
-            if self._servable(ticket.model):
+            if ticket.model is not None and self._servable(ticket.model):
                 self.queue.remove(ticket)
                 self._grant(ticket)
 

@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import structlog
 
@@ -27,7 +27,7 @@ from router.atomicfile import read_text
 from router.backendconf import read_model_name
 from router.chunks import switching_line, waiting_line, waking_line
 from router.config import Backend, Config, Model
-from router.events import EventBus, ModelState, QueueDepth, SwitchEnded, SwitchProgress
+from router.events import EventBus, ModelState, ModelStateName, QueueDepth, SwitchEnded, SwitchProgress
 from router.execstart import DROPIN_NAME, dropin_model_id, needs_dropin
 from router.executor import HealthProbe, MemoryProbe, PlanExecutor, SleepDriver, SwitchRun
 from router.scheduler import PRIORITIES, LoadFailure, Scheduler, Switch, SwitchOutcome, Ticket
@@ -446,7 +446,8 @@ class Switcher:
         else:
             log.error("switch_failed", switch_id=switch.id, target=switch.target, took=round(took, 3),
                       error=error.message(display))
-        result = "ok" if error is None else ("aborted" if error.code == "model_load_abandoned" else "failed")
+        result: Literal["ok", "failed", "aborted"] = (
+            "ok" if error is None else "aborted" if error.code == "model_load_abandoned" else "failed")
         evicted = switch.plan.evicts[0] if switch.plan.evicts else None
         self.events.emit(SwitchEnded(switch.id, evicted, switch.target, result, round(took, 3),
                                      run.load_seconds, error.message(display) if error else None))
@@ -500,7 +501,7 @@ class Switcher:
             if state == "failed":
                 continue  # said with its error by _switch_task_ended
             unit = self.config.unit_of(self.config.models[model_id]) if state != "unloaded" else None
-            self.events.emit(ModelState(model_id, state, unit))
+            self.events.emit(ModelState(model_id, cast(ModelStateName, state), unit))
         if waiting != old_waiting:
             counts, oldest = s.waiting_counts()
             self.events.emit(QueueDepth(counts, oldest))
