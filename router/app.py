@@ -26,7 +26,7 @@ from router.observability import Observability
 from router.params import apply_params, has_params
 from router.proxy import Call, Relay, upstream_headers
 from router.requestbody import BadBody, ClientLeft, check_stream, parse_body, read_body
-from router.scheduler import PRIORITIES
+from router.scheduler import PRIORITIES, Ticket
 from router.statuspage import index, models_overview
 from router.switcher import Failed, Granted, Status, Switcher, failure_status
 from router.upstream import Upstream
@@ -287,42 +287,28 @@ class Api:
         """Put a loaded model whose backend can sleep to sleep: {"model": id}."""
         config = self.switcher.config
         model_id = await _admin_model(request, config)
-        if isinstance(model_id, Response):
-            return model_id
+        if model_id is None or isinstance(model_id, Response):
+            return model_id or Response(status_code=400)
         if config.backend_of(config.models[model_id]).sleep is None:
             return JSONResponse(error_body(f"{model_id} cannot sleep: its backend `{config.models[model_id].backend}` "
                                            "has no `sleep:` in config.yml.", "invalid_request_error", param="model"),
                                 status_code=400)
-        ticket = self.switcher.sleep(model_id)
-        try:
-            update = await self.switcher.next_update(ticket)
-            while isinstance(update, Status):
-                update = await self.switcher.next_update(ticket)
-        finally:
-            self.switcher.done(ticket)
-        if isinstance(update, Failed):
-            return JSONResponse(error_body(update.message, update.error.code, "server_error"),
-                                status_code=failure_status(update.error))
-        return JSONResponse({"model": model_id, "state": self.switcher.model_state(model_id)})
+        failed = await self._outcome(self.switcher.sleep(model_id))
+        return failed or JSONResponse({"model": model_id, "state": self.switcher.model_state(model_id)})
 
     async def admin_unload(self, request: Request) -> Response:
         """Unload every model, or the one named by an optional body {"model": id}."""
         config = self.switcher.config
-        try:
-            raw = await read_body(request, config.limits.max_body_bytes)
-        except ClientLeft:
-            return Response(status_code=400)
-        body = parse_body(raw or b"{}") if not isinstance(raw, BadBody) else raw
-        if isinstance(body, BadBody):
-            return refuse(body)
-        name = body.get("model")
-        model_id = config.resolve(name) if isinstance(name, str) else None
-        if name is not None and model_id is None:
-            return JSONResponse(error_body(f"Unknown model `{name}`. Known models: {', '.join(config.models)}.",
-                                           "model_not_found", param="model"), status_code=404)
+        model_id = await _admin_model(request, config, optional=True)
+        if isinstance(model_id, Response):
+            return model_id
         units = [config.unit_of(config.models[model_id])] if model_id is not None else config.managed_units()
         before = [u for u in units if u in self.switcher.scheduler.running]
-        ticket = self.switcher.unload(model_id)
+        failed = await self._outcome(self.switcher.unload(model_id))
+        return failed or JSONResponse({"unloaded": before})
+
+    async def _outcome(self, ticket: Ticket) -> Response | None:
+        """Wait for an admin action's end (status lines skipped): None when it went through, else the error."""
         try:
             update = await self.switcher.next_update(ticket)
             while isinstance(update, Status):
@@ -332,11 +318,12 @@ class Api:
         if isinstance(update, Failed):
             return JSONResponse(error_body(update.message, update.error.code, "server_error"),
                                 status_code=failure_status(update.error))
-        return JSONResponse({"unloaded": before})
+        return None
 
 
-async def _admin_model(request: Request, config: Any) -> str | Response:
-    """The model id an admin request's body names ({"model": id or alias}), or the error to answer."""
+async def _admin_model(request: Request, config: Any, optional: bool = False) -> str | Response | None:
+    """The model id an admin request's body names ({"model": id or alias}), or the error to answer
+    (`optional`: None when the body names no model)."""
     try:
         raw = await read_body(request, config.limits.max_body_bytes)
     except ClientLeft:
@@ -346,7 +333,7 @@ async def _admin_model(request: Request, config: Any) -> str | Response:
         return refuse(body)
     name = body.get("model")
     model_id = config.resolve(name) if isinstance(name, str) else None
-    if model_id is None:
+    if model_id is None and not (optional and name is None):
         return JSONResponse(error_body(f"Unknown model `{name}`. Known models: {', '.join(config.models)}.",
                                        "model_not_found", param="model"), status_code=404)
     return model_id
