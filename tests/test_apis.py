@@ -262,7 +262,7 @@ async def test_while_loading_thinking_requests_get_the_status_as_a_thinking_bloc
         assert [b["type"] for b in message["content"]] == ["thinking", "thinking", "text"]
         status = message["content"][0]
         assert status["thinking"].splitlines() == ["🔄 Switching to Model M…", "⏳ Loading Model M… 1s/180s",
-                                                   "✅ Model M ready (took 3s)"]
+                                                   "✅ Model M ready (took 3 s)"]
         assert status["signature"] == ROUTER_SIGNATURE
         assert message["content"][1]["thinking"] == "Hmm."  # the engine's own thinking, index 1
         assert message["content"][2]["text"] == "I am m. token1 token2 token3"

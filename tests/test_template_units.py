@@ -94,7 +94,7 @@ def test_two_instances_run_their_own_dropins_and_are_named_after_their_models(sb
                                 json={"model": mid, "prompt": "hi"}).text
             assert f"I am {mid}." in answer
             # `journalctl --user-unit=llamacpp@<instance>.service` shows this model, tagged with its id
-            entries = wait_until(partial(ready_lines, sbx, unit, st["InvocationID"]), timeout=10,
+            entries = wait_until(partial(ready_lines, sbx, unit, st["InvocationID"]), timeout=30,
                                  what=f"{unit} journal")
             assert entries[0]["SYSLOG_IDENTIFIER"] == f"llamacpp@{mid}"
     finally:
@@ -113,7 +113,7 @@ def test_an_instance_without_a_dropin_fails_naming_its_dropin(sbx: Sandbox, temp
         assert st["Result"] == "exit-code", st
         assert sbx.show(unit, "Description")["Description"].endswith(" for org/my-model (started by llm-router)")
         messages = wait_until(lambda: [m for m in sbx.journal_messages(f"_SYSTEMD_INVOCATION_ID={st['InvocationID']}")
-                                       if "no command" in m], timeout=10, what=f"{unit} message")
+                                       if "no command" in m], timeout=30, what=f"{unit} message")
         assert messages[0] == (f"{unit}: no command for model org/my-model; llm-router writes ExecStart= into the "
                                f"drop-in {unit}.d/50-llm-router.conf")
     finally:
