@@ -169,6 +169,7 @@ class Scheduler:
         self.gpu_budget: dict[int, float] = {}  # GB per GPU from NVML; config.yml gpus: wins
         self.host_ram_gb: float | None = None  # sleepers' budget from the host; residency.host_ram_gb wins
         self.to_adopt: list[str] = []  # models found running at start (or after a reconnect)
+        self.started: set[str] = set()  # units the router started (or adopted) that have not stopped since
         self.to_preload: list[str] = []  # config.yml preload, loaded once nothing waits
         self.blocked: set[str] = set()  # loaded models that take no new requests: a starving switch evicts them
         self.version = 0  # bumped whenever the resident set changes (observers compare it)
@@ -336,6 +337,7 @@ class Scheduler:
         now = self.clock()
         self.switch = None
         self.running = set(running)
+        self.started &= self.running  # a unit it started that no longer runs is not its own any more
         plan = switch.plan
         if error is None or error.code != "systemd_unreachable":
             self.orphans -= set(plan.stop)  # stopped, or failed to stop: not tried again (logged)
@@ -384,6 +386,7 @@ class Scheduler:
             return
         self.running.discard(unit)
         self.orphans.discard(unit)
+        self.started.discard(unit)
         for mid in list(self.resident):
             model = self.config.models.get(mid)
             if model is None or self.config.unit_of(model) == unit:
@@ -717,6 +720,10 @@ class Scheduler:
 
     def _start(self, plan: Plan, waiters: list[Ticket] | None = None, attempt: int = 1) -> None:
         self.switch = Switch(plan, list(waiters or []), attempt=attempt)
+        if plan.start is not None:
+            self.started.add(plan.start)
+        elif plan.adopt and plan.target is not None and plan.target in self.config.models:
+            self.started.add(self.config.unit_of(self.config.models[plan.target]))
         for ticket in self.switch.waiters:
             if ticket in self.queue:
                 self.queue.remove(ticket)

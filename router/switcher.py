@@ -280,7 +280,7 @@ class Switcher:
         ours = set(sched.resident) | set(sched.to_adopt)  # loaded, asleep, found running, or loading now
         if sched.switch is not None and sched.switch.target is not None:
             ours.add(sched.switch.target)
-        orphans = {u for u in dropped if u in sched.running and router_loaded(old, u, ours)}
+        orphans = {u for u in dropped if u in sched.running and (u in sched.started or router_loaded(old, u, ours))}
         self.config_loaded_at, self.reload_error = time.time(), None
         if orphans:
             log.warning("reload_orphans", units=sorted(orphans), action="stopping them: they run a model the "

@@ -976,3 +976,24 @@ def test_a_reload_stops_a_unit_adopted_after_a_bus_outage_when_it_removes_its_mo
         m.reload(models={"a"}, bump=set(), move_two=False, drop_two=False)
     replay("reload_stops_unmanaged", steps, ResidentSetMachine)
 
+
+
+def test_a_reload_stops_a_unit_whose_load_a_bus_outage_broke_off() -> None:
+    """Found in CI by the resident-set machine: the load of d was cut short by a D-Bus outage (its stop
+    failed), and a reload removed d before the reconnection adopted it: d.service ran on, unmanaged."""
+    def steps(m: SwitcherMachine) -> None:
+        def beat() -> None:  # every invariant between steps, as hypothesis runs them
+            for name in INVARIANTS:
+                getattr(m, name)()
+
+        for step in (lambda: m.probe_fault(behaviour="hang", times=1),
+                     lambda: m.advance(seconds=0.01), lambda: m.advance(seconds=0.01),
+                     lambda: m.burst(model="d", count=3, every=0.5, hold=5.0),
+                     lambda: m.bus_outage(seconds=0.5),
+                     lambda: m.advance(seconds=0.01), lambda: m.advance(seconds=0.01),
+                     lambda: m.advance(seconds=0.01),
+                     lambda: m.arrive(model="a", priority=0, hold=0.0, stream=False),
+                     lambda: m.reload(models={"a"}, bump=set(), move_two=False, drop_two=False)):
+            step()
+            beat()
+    replay("reload_stops_unmanaged", steps, ResidentSetMachine)

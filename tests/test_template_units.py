@@ -112,8 +112,11 @@ def test_an_instance_without_a_dropin_fails_naming_its_dropin(sbx: Sandbox, temp
         st = sbx.wait_state(unit, "failed", timeout=15)
         assert st["Result"] == "exit-code", st
         assert sbx.show(unit, "Description")["Description"].endswith(" for org/my-model (started by llm-router)")
-        messages = wait_until(lambda: [m for m in sbx.journal_messages(f"_SYSTEMD_INVOCATION_ID={st['InvocationID']}")
-                                       if "no command" in m], timeout=30, what=f"{unit} message")
+        # a process that exits within milliseconds loses its cgroup fields in journald: match its PID too
+        pid = sbx.show(unit, "ExecMainPID")["ExecMainPID"]
+        messages = wait_until(lambda: [m for match in (f"_SYSTEMD_INVOCATION_ID={st['InvocationID']}", f"_PID={pid}")
+                                       for m in sbx.journal_messages(match) if "no command" in m],
+                              timeout=30, what=f"{unit} message")
         assert messages[0] == (f"{unit}: no command for model org/my-model; llm-router writes ExecStart= into the "
                                f"drop-in {unit}.d/50-llm-router.conf")
     finally:
