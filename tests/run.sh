@@ -13,7 +13,8 @@
 #      for one process; 0 runs everything in this process, e.g. for -s or a debugger).
 # Exits non-zero on any failure. Not root: step 1 is skipped, and the integration tests (which need
 # a private systemd user manager in a mount namespace) are skipped by pytest with the reason.
-# Environment: LLM_ROUTER_TEST_TIMEOUT (s, default 840) bounds the pytest run as a whole;
+# Environment: LLM_ROUTER_TEST_TIMEOUT (s, default 1200) bounds the pytest run as a whole (a guard against a
+# hung run: every test has its own pytest-timeout; a fresh 2-core machine takes 9-14 minutes);
 # LLM_ROUTER_REQUIRE_SANDBOX=1 turns "skipped: cannot run the systemd sandbox" into a failure, and
 # LLM_ROUTER_REQUIRE_PID1=1 the skip of tests/test_pid1.py (no systemd-nspawn here) likewise;
 # LLM_ROUTER_NO_CHROMIUM=1 does not install chromium (tests/test_status_page.py's browser test then skips).
@@ -75,5 +76,5 @@ say "ruff check"
 say "pytest"
 # Four workers (pytest-xdist), each test file on one of them (its own systemd sandbox, fixtures in order):
 # most integration tests wait on units and sockets, so on 2 cores four finish in ~9 minutes, two in ~14.
-exec timeout --kill-after=30 "${LLM_ROUTER_TEST_TIMEOUT:-840}" "$PY" -m pytest -q \
+exec timeout --kill-after=30 "${LLM_ROUTER_TEST_TIMEOUT:-1200}" "$PY" -m pytest -q \
     -n "${LLM_ROUTER_TEST_WORKERS:-4}" --dist loadfile "$@"

@@ -12,7 +12,7 @@ PENDING: its violations are printed (and counted in the summary) instead of fail
 merging a feature, remove it from PENDING (LLM_ROUTER_STATEFUL_ENFORCE=liveness,max_wait enforces some pending
 checks for one run, LLM_ROUTER_STATEFUL_STRICT=1 all of them).
 
-LLM_ROUTER_STATEFUL_EXAMPLES (default 150) and LLM_ROUTER_STATEFUL_STEPS (default 30) bound the run.
+LLM_ROUTER_STATEFUL_EXAMPLES (default 100) and LLM_ROUTER_STATEFUL_STEPS (default 30) bound the run.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from router.switcher import Failed, Granted, Status
 
 pytestmark = pytest.mark.timeout(600)
 
-EXAMPLES = int(os.environ.get("LLM_ROUTER_STATEFUL_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("LLM_ROUTER_STATEFUL_EXAMPLES", "100"))
 STEPS = int(os.environ.get("LLM_ROUTER_STATEFUL_STEPS", "30"))
 STRICT = os.environ.get("LLM_ROUTER_STATEFUL_STRICT") == "1"
 # Requests only for configured models (skips the reload-vs-handler race, to hunt for other bugs past it).
