@@ -250,20 +250,9 @@ class Api:
         })
 
     async def admin_load(self, request: Request) -> Response:
-        try:
-            raw = await read_body(request, self.switcher.config.limits.max_body_bytes)
-        except ClientLeft:
-            return Response(status_code=400)  # nobody reads it
-        body = parse_body(raw or b"{}") if not isinstance(raw, BadBody) else raw
-        if isinstance(body, BadBody):
-            return refuse(body)
-        name = body.get("model")
-        model_id = self.switcher.config.resolve(name) if isinstance(name, str) else None
-        if model_id is None:
-            model_id = name
-            known = ", ".join(self.switcher.config.models)
-            return JSONResponse(error_body(f"Unknown model `{model_id}`. Known models: {known}.",
-                                           "model_not_found", param="model"), status_code=404)
+        model_id = await _admin_model(request, self.switcher.config)
+        if model_id is None or isinstance(model_id, Response):
+            return model_id or Response(status_code=400)
         ticket = self.switcher.submit(model_id)
 
         async def lines() -> AsyncIterator[bytes]:

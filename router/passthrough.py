@@ -34,6 +34,7 @@ from router.proxy import (
     Relay,
     RelayResponse,
     broken_off,
+    error_text,
     open_failed,
     response_headers,
     timed_out,
@@ -322,12 +323,7 @@ class PassThrough(Relay):
             return
         if resp.status != 200:
             call.status = resp.status
-            try:
-                text = (await resp.read()).decode("utf-8", "replace")[:2000]
-            except UpstreamError as e:
-                text = f"(its body broke off: {e})"
-            finally:
-                resp.release()
+            text = await error_text(resp)
             yield shape.error(f"{call.model_id}: the backend answered HTTP {resp.status}: {text}", "backend_error",
                               resp.status)
             return

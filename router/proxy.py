@@ -329,12 +329,7 @@ class Relay:
             return
         if resp.status != 200:
             call.status = resp.status
-            try:
-                text = (await resp.read()).decode("utf-8", "replace")[:2000]
-            except UpstreamError as e:
-                text = f"(its body broke off: {e})"
-            finally:
-                resp.release()
+            text = await error_text(resp)
             yield writer.error(f"{call.model_id}: the backend answered HTTP {resp.status}: {text}",
                                "backend_error")
             yield DONE
@@ -379,6 +374,16 @@ class Relay:
             completion_tokens=summary.get("tokens"), tok_per_s=summary.get("tok_per_s")))
         log.info("request", path=call.path, model=call.model_id, stream=call.stream, status=call.status,
                  waited=round(call.waited, 3), duration=round(duration, 3), **summary)
+
+
+async def error_text(resp: UpstreamResponse) -> str:
+    """The first 2000 characters of an engine's error answer (the response is released)."""
+    try:
+        return (await resp.read()).decode("utf-8", "replace")[:2000]
+    except UpstreamError as e:
+        return f"(its body broke off: {e})"
+    finally:
+        resp.release()
 
 
 def open_failed(config: Config, model: Model, backend: Backend,

@@ -183,11 +183,6 @@ class Scheduler:
         loaded = [r for r in self.resident.values() if r.state == "loaded"]
         return max(loaded, key=lambda r: (r.last_used, r.model)).model if loaded else None
 
-    @property
-    def idle_since(self) -> float | None:
-        active = self.active
-        return self.resident[active].last_used if active is not None else None
-
     def loaded(self) -> list[str]:
         return [mid for mid, r in self.resident.items() if r.state == "loaded"]
 
@@ -643,7 +638,8 @@ class Scheduler:
             return False  # it waits for the responses streaming from what it stops (and takes no new ones)
         if not units:
             self.queue.remove(head)
-            self._drop_all(models)
+            for mid in models:
+                self._drop_resident(mid)
             head.granted = True
             self.effects.grant(head)  # nothing to unload
             return True
@@ -677,10 +673,6 @@ class Scheduler:
             if model is None or self.config.unit_of(model) in self.orphans:
                 return True
         return False
-
-    def _drop_all(self, models: list[str]) -> None:
-        for mid in models:
-            self._drop_resident(mid)
 
     def _idle_work(self, now: float) -> None:
         """Nothing waits: ttls that ran out, then preloads."""

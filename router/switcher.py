@@ -316,10 +316,7 @@ class Switcher:
             self._post(self._queued, ticket)  # once the scheduler is done with it: still queued? behind what?
             return
         if not ticket.told_switching and ticket.model is not None and not ticket.unload:
-            ticket.told_switching = True
-            display = self._display(ticket.model)
-            wake = switch.plan.wake if switch is not None else self.scheduler.state_of(ticket.model) == "sleeping"
-            self._send(ticket, Status(waking_line(display) if wake else switching_line(display)))
+            self._tell_switching(ticket, switch.plan.wake if switch is not None else None)
         if switch is not None and self.run_info is not None and self.run_info.load_started is not None:
             self._send(ticket, Status(self.run_info.loading_text()))
 
@@ -329,9 +326,14 @@ class Switcher:
         scheduler is done with it, so that a switch it started at once says "Switching…" itself."""
         if ticket.told_switching or ticket not in self.scheduler.queue or self._tell_waiting(ticket):
             return
+        self._tell_switching(ticket, None)
+
+    def _tell_switching(self, ticket: Ticket, wake: bool | None) -> None:
+        """`🔄 Switching to M…`, or `⏰ Waking M…` for a sleeping model (wake None: ask the resident set)."""
         ticket.told_switching = True
         display = self._display(ticket.model)
-        wake = self.scheduler.state_of(ticket.model or "") == "sleeping"
+        if wake is None:
+            wake = self.scheduler.state_of(ticket.model or "") == "sleeping"
         self._send(ticket, Status(waking_line(display) if wake else switching_line(display)))
 
     def _tell_waiting(self, ticket: Ticket) -> bool:
